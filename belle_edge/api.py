@@ -1,0 +1,49 @@
+"""What an app imports: ``belle_edge.load()`` -> :class:`ChatModel` -> ``.session()`` -> ``.stream(msg)``."""
+from __future__ import annotations
+
+from .errors import InputError, MissingDependencyError
+from .runtime.model import ChatModel
+
+BACKENDS = ("torch",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load(model: str | None = None, *, backend: str = "torch", device: str = "cpu", dtype: str = "float32",
+         chat_format: str = "auto", allow_pickle: bool = False, max_positions: int | None = None) -> ChatModel:
+    """Load a local checkpoint (HF directory or GGUF; the default model when ``model`` is None) for chat."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    _require_torch()
+    from .compile.load import load_checkpoint
+
+    ckpt = load_checkpoint(model, allow_pickle=allow_pickle, chat_format=chat_format, max_positions=max_positions)
+    return torch_chat_model(ckpt, device=device, dtype=dtype, name=None if model is not None else "default")
+
+
+def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name: str | None = None) -> ChatModel:
+    """A ChatModel over the torch backend from a loaded :class:`~belle_edge.compile.load.Checkpoint`."""
+    torch = _require_torch()
+    from .default_model import NAME as DEFAULT_NAME
+    from .models.decoder import Decoder
+    from .runtime.backends.torch_backend import TorchBackend
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: CUDA is not available on this machine")
+    decoder = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source,
+                                      dtype=getattr(torch, dtype), device=device)
+    return ChatModel(
+        name=DEFAULT_NAME if name == "default" else (name or ckpt.source),
+        tokenizer=ckpt.tokenizer, chat_format=ckpt.chat_format, stop_token_ids=ckpt.stop_token_ids,
+        max_positions=ckpt.config.max_positions, fingerprint=ckpt.fingerprint,
+        backend_factory=lambda capacity: TorchBackend(decoder, capacity), backend_name="torch",
+    )
+
+
+def _require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError("the torch backend needs torch: pip install 'belle_edge[torch]'") from None
+    return torch

@@ -1,0 +1,235 @@
+"""The canonical decoder: one compact torch model for both BELLE architectures.
+
+Later passes (prune, export) work on this model, and the torch backend runs it. Architectural traits come
+from ``ModelConfig`` fields (norm, mlp, positions), so there is no per-family branching beyond those.
+Attention applies the turn-window mask from :mod:`belle_edge.mask` and nothing else.
+
+Canonical parameter names (``{i}`` = layer)::
+
+    embed.weight                      (V, C)
+    embed_norm.{weight,bias}          (C,)        BLOOM only
+    layers.{i}.attn_norm.weight       (C,)        (+ .bias for LayerNorm)
+    layers.{i}.attn.q_proj.weight     (H*D, C)    (+ .bias when attention_bias)
+    layers.{i}.attn.k_proj.weight     (Hkv*D, C)
+    layers.{i}.attn.v_proj.weight     (Hkv*D, C)
+    layers.{i}.attn.o_proj.weight     (C, H*D)
+    layers.{i}.attn.alibi_slopes      (H,)        ALiBi only: per layer, so pruned heads keep their slopes
+    layers.{i}.mlp_norm.weight        (C,)
+    layers.{i}.mlp.gate_proj.weight   (F, C)      SwiGLU only
+    layers.{i}.mlp.up_proj.weight     (F, C)
+    layers.{i}.mlp.down_proj.weight   (C, F)
+    norm.weight                       (C,)
+    lm_head.weight                    (V, C)      absent when tie_embeddings
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+from ..mask import MaskConfig, visible
+from .config import ModelConfig
+
+
+def _make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+class KVCache:
+    """Pre-allocated keys and values of one layer: (B, Hkv, capacity, D) each.
+
+    Slots are written in place; which slot holds which token is the runtime's bookkeeping, not ours.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, capacity: int, head_dim: int, *, dtype, device):
+        self.k = torch.zeros(batch, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def keep(self, slots: torch.Tensor) -> None:
+        """Compact: slot ``slots[i]`` moves to slot ``i`` (slots ascending)."""
+        n = slots.numel()
+        self.k[:, :, :n] = self.k[:, :, slots]
+        self.v[:, :, :n] = self.v[:, :, slots]
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, D) for absolute positions, LLaMA's half-split layout, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """BLOOM's ALiBi slopes for ``num_heads`` heads (geometric, with the interleaved extra set)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        remaining = min(closest, num_heads - closest)
+        slopes += [extra_base ** p for p in range(1, 2 * remaining, 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=bias)
+        if cfg.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads))
+
+    def forward(self, x, mask_bias, rel_pos, rope, cache: KVCache | None, start: int):
+        # x: (B, T, C); mask_bias: (T, K) float, 0 or -inf; rel_pos: (T, K) p_k - p_q; rope: (cos, sin) or None
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.write(start, k, v)  # (B, Hkv, K, D)
+        bias = mask_bias[None]  # (1, T, K)
+        if cfg.positions == "alibi":
+            # slope * (p_k - p_q): the same per-row shift as BLOOM's slope * p_k, softmax ignores it
+            bias = bias + self.alibi_slopes.float()[:, None, None] * rel_pos[None]  # (H, T, K)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None],
+                                             enable_gqa=cfg.group_size > 1)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = _make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = _make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask_bias, rel_pos, rope, cache, start):
+        x = x + self.attn(self.attn_norm(x), mask_bias, rel_pos, rope, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def _as_tensor(a, device) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        a = torch.from_numpy(a)
+    return torch.as_tensor(a, dtype=torch.long, device=device)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.embed_norm else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = _make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_caches(self, capacity: int, batch: int = 1) -> list[KVCache]:
+        p = self.embed.weight
+        return [KVCache(batch, self.cfg.num_kv_heads, capacity, self.cfg.head_dim, dtype=p.dtype, device=p.device)
+                for _ in range(self.cfg.num_layers)]
+
+    def forward(self, input_ids, positions, turns, mask: MaskConfig, *, caches: list[KVCache] | None = None,
+                start: int = 0, key_positions=None, key_turns=None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) with ``last_only``.
+
+        input_ids: (B, T). positions, turns: (T,) absolute position and turn of each new token.
+        With ``caches``, the new K/V go to slots [start, start+T) and attention covers slots [0, start+T),
+        whose positions and turns are ``key_positions`` / ``key_turns`` (start+T,). Without, the keys are
+        the new tokens themselves.
+        """
+        device = self.embed.weight.device
+        input_ids = _as_tensor(input_ids, device)
+        q_pos, q_turn = _as_tensor(positions, device), _as_tensor(turns, device)
+        k_pos = q_pos if key_positions is None else _as_tensor(key_positions, device)
+        k_turn = q_turn if key_turns is None else _as_tensor(key_turns, device)
+        allowed = visible(q_pos[:, None], q_turn[:, None], k_pos[None, :], k_turn[None, :], mask)  # (T, K)
+        mask_bias = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+        rel_pos = (k_pos[None, :] - q_pos[:, None]).float()
+        rope = rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.positions == "rope" else None
+
+        x = self.embed(input_ids)  # (B, T, C)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask_bias, rel_pos, rope, None if caches is None else caches[i], start)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, where: str = "checkpoint",
+                        dtype: torch.dtype = torch.float32, device="cpu") -> "Decoder":
+        """Build the model and take the weights, refusing missing, unexpected or misshapen tensors."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        check_state_dict(model, state_dict, where=where)
+        model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()},
+                              strict=True, assign=True)
+        return model.eval()
+
+
+def check_state_dict(model: nn.Module, state_dict: dict, *, where: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: weights missing for the configured model: {_first(missing)}")
+    if unexpected:
+        raise CheckpointError(f"{where}: weights the configured model does not have: {_first(unexpected)}")
+    for name, shape in expected.items():
+        got = tuple(state_dict[name].shape)
+        if got != shape:
+            raise CheckpointError(
+                f"{where}: config contradicts weights: {name} should be {list(shape)} by the config, got {list(got)}")
+
+
+def _first(names: list[str], n: int = 3) -> str:
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more

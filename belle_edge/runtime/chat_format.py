@@ -1,0 +1,179 @@
+"""Prompt formats, cut into the pieces the runtime prefills turn by turn.
+
+The runtime never re-renders the whole conversation: turn 0 (system) is prefilled once, each new turn
+prefills only ``reply_end`` of the previous reply plus ``turn_text`` of the new message. A format therefore
+answers four questions:
+
+* ``system_text(system)``      text of turn 0 (may be empty)
+* ``first_turn_text(system, message)``  text of turn 1 up to the assistant's reply
+* ``turn_text(message)``       text of a later turn up to the assistant's reply
+* ``reply_end``                text that closes a reply in the conversation record
+
+plus ``stop_strings`` and ``end_token`` (a special token that closes a reply and so stops generation).
+
+Two kinds: a checkpoint's own Jinja chat template (cut by rendering sentinel conversations; refused if the
+template does not render incrementally) and BELLE's ``Human:/Assistant:`` formats. Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InputError, UnsupportedModelError
+
+_SENTINEL_USER = "\u2063belle-edge-user\u2063"
+_SENTINEL_REPLY = "\u2063belle-edge-reply\u2063"
+
+# BELLE's formats (DESIGN.md): v1 is the BLOOM model cards' format, v2 the v2 training code's, with EOS after
+# each reply. BLOOM-based BELLE was never trained on multi-turn data and writes the next "Human:" itself, so
+# "Human:" is always a stop string.
+BELLE_VARIANTS = {
+    "belle": {"turn": "Human: {message}\n\nAssistant:", "reply_end": "\n\n", "eos_in_record": False},
+    "belle-v2": {"turn": "Human: \n{message}\n\nAssistant: \n", "reply_end": "", "eos_in_record": True},
+}
+FORMAT_NAMES = ("auto", "template", *BELLE_VARIANTS)
+
+
+@dataclass(frozen=True)
+class BelleFormat:
+    variant: str = "belle"
+    eos_token: str | None = None
+    stop_strings: tuple[str, ...] = ("Human:",)
+    add_special_tokens_first: bool = True  # the tokenizer's own BOS rule applies to the first segment
+
+    def __post_init__(self):
+        if self.variant not in BELLE_VARIANTS:
+            raise InputError(f"chat format: unknown BELLE variant {self.variant!r}; known: {', '.join(BELLE_VARIANTS)}")
+
+    @property
+    def name(self) -> str:
+        return self.variant
+
+    @property
+    def end_token(self) -> str | None:
+        return self.eos_token
+
+    @property
+    def reply_end(self) -> str:
+        spec = BELLE_VARIANTS[self.variant]
+        eos = (self.eos_token or "") if spec["eos_in_record"] else ""
+        return eos + spec["reply_end"]
+
+    def system_text(self, system: str | None) -> str:
+        return f"{system}\n\n" if system else ""
+
+    def turn_text(self, message: str) -> str:
+        return BELLE_VARIANTS[self.variant]["turn"].format(message=message)
+
+    def first_turn_text(self, system: str | None, message: str) -> str:
+        return self.turn_text(message)
+
+    def to_dict(self) -> dict:
+        return {"kind": "belle", "variant": self.variant, "eos_token": self.eos_token}
+
+
+@dataclass(frozen=True)
+class TemplateFormat:
+    """A checkpoint's Jinja chat template (rendered as transformers does: trim_blocks, lstrip_blocks)."""
+
+    template: str
+    bos_token: str | None = None
+    eos_token: str | None = None
+    stop_strings: tuple[str, ...] = ()
+    add_special_tokens_first: bool = False  # templates write their own BOS
+    _compiled: object = field(default=None, repr=False, compare=False)
+
+    name = "template"
+
+    def __post_init__(self):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            object.__setattr__(self, "_compiled", env.from_string(self.template))
+        except jinja2.exceptions.TemplateError as e:
+            raise UnsupportedModelError(f"chat template does not compile: {e}") from None
+        self._check_incremental()
+
+    def _render(self, messages: list[dict], generation: bool) -> str:
+        return self._compiled.render(messages=messages, add_generation_prompt=generation,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    @staticmethod
+    def _system(system):
+        return [{"role": "system", "content": system}] if system else []
+
+    def _history(self, system):
+        return self._system(system) + [{"role": "user", "content": _SENTINEL_USER},
+                                       {"role": "assistant", "content": _SENTINEL_REPLY}]
+
+    def _check_incremental(self) -> None:
+        for system in (None, "S"):
+            hist = self._render(self._history(system), False)
+            full = self._render(self._history(system) + [{"role": "user", "content": "M"}], True)
+            if not full.startswith(hist) or _SENTINEL_REPLY not in hist:
+                raise UnsupportedModelError(
+                    "chat template does not render turn by turn (a longer conversation does not extend a shorter "
+                    "one); choose --chat-format belle or belle-v2")
+
+    @property
+    def end_token(self) -> str | None:
+        end = self.reply_end.strip()
+        return end if end and end == self.eos_token else (self.eos_token or None)
+
+    @property
+    def reply_end(self) -> str:
+        hist = self._render(self._history(None), False)
+        return hist[hist.index(_SENTINEL_REPLY) + len(_SENTINEL_REPLY):]
+
+    def turn_text(self, message: str) -> str:
+        hist = self._history(None)
+        before = self._render(hist, False)
+        return self._render(hist + [{"role": "user", "content": message}], True)[len(before):]
+
+    def system_text(self, system: str | None) -> str:
+        first = self._render(self._system(system) + [{"role": "user", "content": _SENTINEL_USER}], True)
+        later = self.turn_text(_SENTINEL_USER)
+        if first.endswith(later):
+            return first[:len(first) - len(later)]
+        return first[:first.index(_SENTINEL_USER)]  # system folded into the first user block (Llama-2 style)
+
+    def first_turn_text(self, system: str | None, message: str) -> str:
+        first = self._render(self._system(system) + [{"role": "user", "content": message}], True)
+        head = self.system_text(system)
+        if not first.startswith(head):
+            raise UnsupportedModelError("chat template renders the system segment differently per message")
+        return first[len(head):]
+
+    def to_dict(self) -> dict:
+        return {"kind": "template", "template": self.template, "bos_token": self.bos_token,
+                "eos_token": self.eos_token}
+
+
+ChatFormat = BelleFormat | TemplateFormat
+
+
+def make_chat_format(choice: str, *, template: str | None, bos_token: str | None, eos_token: str | None,
+                     where: str) -> ChatFormat:
+    """Pick the format: ``auto`` takes the checkpoint's template where it has one, else BELLE's."""
+    if choice not in FORMAT_NAMES:
+        raise InputError(f"chat format: expected one of {', '.join(FORMAT_NAMES)}, got {choice!r}")
+    if choice == "template" and not template:
+        raise InputError(f"{where}: --chat-format template, but the checkpoint has no chat template")
+    if choice in ("auto", "template") and template:
+        return TemplateFormat(template, bos_token=bos_token, eos_token=eos_token)
+    variant = "belle" if choice == "auto" else choice
+    return BelleFormat(variant, eos_token=eos_token)
+
+
+def chat_format_from_dict(d: dict) -> ChatFormat:
+    if d.get("kind") == "template":
+        return TemplateFormat(d["template"], bos_token=d.get("bos_token"), eos_token=d.get("eos_token"))
+    if d.get("kind") == "belle":
+        return BelleFormat(d.get("variant", "belle"), eos_token=d.get("eos_token"))
+    raise InputError(f"chat format: unknown kind {d.get('kind')!r}")

@@ -1,0 +1,47 @@
+"""``ChatModel``: what an app holds after loading — tokenizer, chat format, stops, and a backend factory.
+
+Torch-free: the loader that made it may have used torch (the torch backend) or not (onnxruntime, TensorRT).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from tokenizers import Tokenizer
+
+from ..mask import MaskConfig
+from .backends.base import Backend
+from .chat_format import ChatFormat
+from .sampler import SamplingConfig
+from .session import ChatSession
+
+DEFAULT_KV_TOKENS = 4096
+
+
+@dataclass
+class ChatModel:
+    name: str
+    tokenizer: Tokenizer
+    chat_format: ChatFormat
+    stop_token_ids: frozenset[int]
+    max_positions: int
+    fingerprint: str  # identifies the weights + tokenizer, so a saved session is not restored into another model
+    backend_factory: Callable[[int], Backend]  # capacity (KV slots) -> a fresh backend for one session
+    backend_name: str = "torch"
+
+    @property
+    def default_capacity(self) -> int:
+        return min(self.max_positions, DEFAULT_KV_TOKENS)
+
+    def session(self, *, system: str | None = None, window: int | None = 3, sinks: int = 4,
+                sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
+                max_kv_tokens: int | None = None, stop: tuple[str, ...] = ()) -> ChatSession:
+        """Open a dialogue. ``window=None`` switches the turn window off (plain causal attention);
+        ``stop`` adds stop strings to the chat format's."""
+        mask = MaskConfig(window=window, sinks=sinks) if window is not None else MaskConfig.off()
+        return ChatSession(self, system=system, mask=mask, sampling=sampling, max_new_tokens=max_new_tokens,
+                           max_kv_tokens=max_kv_tokens, stop=stop)
+
+    def restore(self, path: str) -> ChatSession:
+        """Reopen a session written by :meth:`ChatSession.save`."""
+        return ChatSession.restore(self, path)

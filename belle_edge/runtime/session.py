@@ -1,0 +1,303 @@
+"""``ChatSession``: dialogue state over one backend. Torch-free.
+
+One turn, step by step::
+
+    message --format--> text of the new turn (+ the close of the previous reply, not yet in the cache)
+            --tokenize--> new tokens, each with (position, turn)
+            --evict-->    drop cached turns that left the window (mask.retained)
+            --shift?-->   if positions would pass the model's limit, re-prefill what is kept at 0..n-1
+            --prefill-->  only the new tokens (prefix reuse: the cache already holds the rest)
+            --decode-->   sample, stream whole characters, stop on EOS / stop strings / limits
+            --settle-->   roll the cache back to a clean text boundary, remember the unfed tail
+
+The session is consistent after every step: the ledger is updated only after the backend call that fills
+those slots returned, and a turn that fails or is interrupted (Ctrl-C, a closed stream) rolls back to the
+last consistent point, so the session stays usable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from ..errors import ContextFullError, InputError, SessionFileError
+from ..mask import MaskConfig
+from .detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from .kv_cache import CacheLedger
+from .sampler import Sampler, SamplingConfig
+
+if TYPE_CHECKING:
+    from .model import ChatModel
+
+SESSION_FILE_VERSION = 1
+
+
+@dataclass
+class TurnStats:
+    turn: int
+    prompt_tokens: int  # tokens prefilled for this turn: only the new ones
+    new_tokens: int  # tokens the model generated (the EOS that ended the reply not counted)
+    ttft_ms: float  # from the message to the first generated token
+    prefill_tok_s: float
+    decode_tok_s: float
+    kv_tokens: int  # tokens held in the KV cache after the turn
+    evicted_tokens: int  # tokens dropped at the start of this turn (left the window)
+    context_shift: bool
+    finish_reason: str  # eos | stop | length | context | interrupted
+    total_ms: float
+
+
+@dataclass
+class Reply:
+    text: str
+    stats: TurnStats
+
+
+class ChatSession:
+    def __init__(self, model: "ChatModel", *, system: str | None = None, mask: MaskConfig | None = None,
+                 sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
+                 max_kv_tokens: int | None = None, stop: tuple[str, ...] = (), prefill_chunk: int = 512):
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        self.model = model
+        self.system = system or None
+        self.mask = mask or MaskConfig()
+        self.sampling = sampling or SamplingConfig()
+        self.max_new_tokens = max_new_tokens
+        self.prefill_chunk = prefill_chunk
+        capacity = max_kv_tokens or model.default_capacity
+        if capacity < 2:
+            raise InputError(f"max_kv_tokens: expected >= 2, got {capacity}")
+        self.backend = model.backend_factory(capacity)
+        self.ledger = CacheLedger(capacity)
+        self.sampler = Sampler(self.sampling)
+        self._fmt = model.chat_format
+        self.stop = tuple(stop)  # extra stop strings, beyond the chat format's
+        self._stops = tuple(self._fmt.stop_strings) + self.stop
+        self._clear()
+
+    def _clear(self) -> None:
+        self.ledger.truncate(0)
+        self.turn = 0  # number of the last turn taken (0: none yet)
+        self.history: list[dict] = []  # {"user": ..., "reply": ...}
+        self.stats: list[TurnStats] = []
+        self._pending = ""  # close of the last reply (unfed tail + reply_end), prefilled with the next turn
+        self._active = None  # the reply iterator in flight, if any
+
+    # ---------------------------------------------------------------- public API
+    def reset(self) -> None:
+        """Forget the dialogue (the system prompt and settings stay)."""
+        self._clear()
+
+    @property
+    def last_stats(self) -> TurnStats | None:
+        return self.stats[-1] if self.stats else None
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.ledger.n
+
+    def send(self, message: str) -> Reply:
+        text = "".join(self.stream(message))
+        return Reply(text, self.last_stats)
+
+    def stream(self, message: str) -> Iterator[str]:
+        """Check and plan the turn now (errors raise here, the session untouched); the returned iterator
+        prefills and yields the reply's text in whole characters."""
+        t0 = time.perf_counter()
+        if self._active is not None:
+            self._active.close()  # a reply left half-read ends here, settled, before the next turn is planned
+            self._active = None
+        if not isinstance(message, str) or not message.strip():
+            raise InputError("message is empty")
+        turn = self.turn + 1
+        new_ids, new_turns = self._tokenize_turn(turn, message)
+        keep = self.ledger.keep_slots(turn, self.mask) if self.mask.enabled else np.arange(self.ledger.n)
+        room = min(self.ledger.capacity, self.model.max_positions)
+        if len(keep) + len(new_ids) + 1 > room:
+            self._refuse(len(keep), len(new_ids), room)
+        shift = int(self.ledger.next_position) + len(new_ids) + 1 > self.model.max_positions
+        self._active = self._run_turn(t0, turn, message, new_ids, new_turns, keep, shift)
+        return self._active
+
+    # ---------------------------------------------------------------- planning
+    def _tokenize_turn(self, turn: int, message: str) -> tuple[np.ndarray, np.ndarray]:
+        fmt = self._fmt
+        if self.turn == 0:
+            segments = [(fmt.system_text(self.system), 0), (fmt.first_turn_text(self.system, message), turn)]
+        else:
+            segments = [(self._pending, self.turn), (fmt.turn_text(message), turn)]
+        ids, turns = [], []
+        specials = self.turn == 0 and fmt.add_special_tokens_first
+        for text, t in segments:
+            if not text:
+                continue
+            piece = self.model.tokenizer.encode(text, add_special_tokens=specials).ids
+            specials = False
+            ids += piece
+            turns += [t] * len(piece)
+        return np.asarray(ids, dtype=np.int64), np.asarray(turns, dtype=np.int64)
+
+    def _refuse(self, kept: int, new: int, room: int):
+        if not self.mask.enabled and kept:
+            raise ContextFullError(
+                f"the context is full: {kept} tokens held + {new} new > {room} (window off keeps every turn); "
+                "/reset, or turn the window on")
+        raise InputError(
+            f"message too long: the turn is {new} tokens and the dialogue keeps {kept}, but the context holds "
+            f"{room} (max_kv_tokens / the model's positions); shorten the message")
+
+    # ---------------------------------------------------------------- running
+    def _run_turn(self, t0, turn, message, new_ids, new_turns, keep, shift) -> Iterator[str]:
+        evicted = self.ledger.n - len(keep)
+        if evicted:
+            self.backend.keep(keep)
+            self.ledger.keep(keep)
+        if shift:
+            self._context_shift()
+        start = self.ledger.next_position
+        positions = np.arange(start, start + len(new_ids), dtype=np.int64)
+        n_before = self.ledger.n
+        t_prefill = time.perf_counter()
+        try:
+            logits = self._prefill(new_ids, positions, new_turns)
+        except BaseException:
+            self.ledger.truncate(n_before)  # the turn did not happen; the session is as it was
+            raise
+        # the turn is now part of the dialogue
+        self.turn = turn
+        self.history.append({"user": message, "reply": ""})
+        stats = TurnStats(turn=turn, prompt_tokens=len(new_ids), new_tokens=0, ttft_ms=0.0, prefill_tok_s=0.0,
+                          decode_tok_s=0.0, kv_tokens=0, evicted_tokens=evicted, context_shift=shift,
+                          finish_reason="interrupted", total_ms=0.0)
+        detok = IncrementalDetokenizer(self.model.tokenizer)
+        fed = emitted = 0
+        stop_at = -1
+        t_first = None
+        try:
+            while True:
+                context = self.ledger.ids if self.sampling.repetition_penalty != 1.0 else None
+                token = self.sampler(logits, context)
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.ttft_ms = (now - t0) * 1e3
+                    stats.prefill_tok_s = len(new_ids) / max(now - t_prefill, 1e-9)
+                t_last = now
+                if token in self.model.stop_token_ids:
+                    stats.finish_reason = "eos"
+                    break
+                stats.new_tokens += 1
+                detok.push(token)
+                stop_at = find_stop(detok.text, self._stops, emitted)
+                if stop_at >= 0:
+                    stats.finish_reason = "stop"
+                    break
+                show = len(detok.text) - stop_holdback(detok.text, self._stops)
+                if show > emitted:
+                    yield detok.text[emitted:show]
+                    emitted = show
+                if stats.new_tokens >= self.max_new_tokens:
+                    stats.finish_reason = "length"
+                    break
+                if not self._room_for_one():
+                    stats.finish_reason = "context"
+                    break
+                pos = self.ledger.next_position
+                logits = self.backend.forward(np.array([token]), np.array([pos]), np.array([turn]),
+                                              start=self.ledger.n, key_positions=np.append(self.ledger.positions, pos),
+                                              key_turns=np.append(self.ledger.turns, turn), mask=self.mask)
+                self.ledger.append([token], [pos], [turn])
+                fed += 1
+        finally:
+            # runs on every exit, Ctrl-C and a closed stream included: keep the session consistent
+            reply = self._settle(detok, fed, stop_at)
+            stats.kv_tokens = self.ledger.n
+            if t_first is not None and stats.new_tokens > 0 and t_last > t_first:
+                sampled = stats.new_tokens + (stats.finish_reason == "eos")
+                stats.decode_tok_s = (sampled - 1) / (t_last - t_first)
+            stats.total_ms = (time.perf_counter() - t0) * 1e3
+            self.stats.append(stats)
+        if emitted < len(reply):
+            yield reply[emitted:]
+
+    def _prefill(self, ids, positions, turns) -> np.ndarray:
+        logits = None
+        for a in range(0, len(ids), self.prefill_chunk):
+            b = min(a + self.prefill_chunk, len(ids))
+            n = self.ledger.n
+            logits = self.backend.forward(ids[a:b], positions[a:b], turns[a:b], start=n,
+                                          key_positions=np.concatenate([self.ledger.positions, positions[a:b]]),
+                                          key_turns=np.concatenate([self.ledger.turns, turns[a:b]]), mask=self.mask)
+            self.ledger.append(ids[a:b], positions[a:b], turns[a:b])
+        return logits
+
+    def _room_for_one(self) -> bool:
+        if self.ledger.free < 1:
+            return False
+        if self.ledger.next_position < self.model.max_positions:
+            return True
+        if self.ledger.n < self.model.max_positions:  # positions have gaps (evicted turns): close them
+            self._context_shift()
+            return True
+        return False
+
+    def _context_shift(self) -> None:
+        """Re-prefill the kept tokens at fresh positions 0..n-1 (positions stay absolute, never truncated)."""
+        ids, turns = self.ledger.ids.copy(), self.ledger.turns.copy()
+        self.ledger.truncate(0)
+        self._prefill(ids, np.arange(len(ids), dtype=np.int64), turns)
+
+    def _settle(self, detok: IncrementalDetokenizer, fed: int, stop_at: int) -> str:
+        """Fix the reply's text and roll the cache back to the last clean text boundary within it."""
+        limit = stop_at if stop_at >= 0 else len(detok.text)
+        reply = detok.text[:limit]
+        tokens, chars = detok.boundary(fed, limit)
+        self.ledger.truncate(self.ledger.n - (fed - tokens))
+        self._pending = reply[chars:] + self._fmt.reply_end
+        self.history[-1]["reply"] = reply
+        return reply
+
+    # ---------------------------------------------------------------- save / restore
+    def save(self, path: str) -> None:
+        """Write the whole session (KV included, so a restore continues exactly) to ``path`` (.npz)."""
+        meta = {
+            "version": SESSION_FILE_VERSION, "fingerprint": self.model.fingerprint, "system": self.system,
+            "mask": dataclasses.asdict(self.mask), "sampling": dataclasses.asdict(self.sampling),
+            "max_new_tokens": self.max_new_tokens, "capacity": self.ledger.capacity, "stop": list(self.stop),
+            "turn": self.turn,
+            "history": self.history, "pending": self._pending, "sampler_state": self.sampler.state(),
+            "stats": [dataclasses.asdict(s) for s in self.stats],
+        }
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), kv=self.backend.read_kv(self.ledger.n),
+                     **self.ledger.to_arrays())
+        os.replace(tmp, path)
+
+    @classmethod
+    def restore(cls, model: "ChatModel", path: str) -> "ChatSession":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k] for k in ("ids", "positions", "turns", "kv")}
+        except (OSError, ValueError, KeyError) as e:
+            raise SessionFileError(f"{path}: not a readable belle_edge session file ({e})") from None
+        if meta.get("version") != SESSION_FILE_VERSION:
+            raise SessionFileError(f"{path}: session file version {meta.get('version')}, expected {SESSION_FILE_VERSION}")
+        if meta["fingerprint"] != model.fingerprint:
+            raise SessionFileError(f"{path}: saved from another model ({meta['fingerprint']} vs {model.fingerprint})")
+        session = cls(model, system=meta["system"], mask=MaskConfig(**meta["mask"]),
+                      sampling=SamplingConfig(**meta["sampling"]), max_new_tokens=meta["max_new_tokens"],
+                      max_kv_tokens=meta["capacity"], stop=tuple(meta["stop"]))
+        session.ledger.load_arrays(arrays)
+        session.backend.write_kv(arrays.pop("kv"))
+        session.turn, session.history, session._pending = meta["turn"], meta["history"], meta["pending"]
+        session.sampler.set_state(meta["sampler_state"])
+        session.stats = [TurnStats(**s) for s in meta["stats"]]
+        return session

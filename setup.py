@@ -1,0 +1,35 @@
+"""belle_edge: edge deployment SDK for BELLE-family Chinese chat LLMs.
+
+Install with torch first (`pip install torch==2.13.0`) so pip takes the local CPU build, then
+`pip install -e '.[torch,test]'`. The runtime core needs only numpy, tokenizers and jinja2 (a Jetson's
+Python 3.10 included); the compiler and the torch backend need the `torch` extra.
+"""
+from setuptools import find_packages, setup
+
+# Runtime core: ranges that also install on JetPack 6 (Python 3.10), capped at the next major release.
+RUNTIME = [
+    "numpy>=1.24,<3",
+    "tokenizers>=0.21,<0.24",  # DecodeStream (incremental detokenizing) since 0.21
+    "jinja2>=3.1,<4",
+]
+# Compiler side and torch backend: exact pins, these are what the tests ran with.
+TORCH = [
+    "torch==2.13.0",
+    "transformers==5.23.0",
+    "safetensors==0.8.0",
+    "gguf==0.19.0",  # transformers reads GGUF checkpoints through it
+    "accelerate==1.15.0",  # transformers needs it to load GGUF
+]
+TEST = ["pytest==9.2.0"]
+
+setup(
+    name="belle_edge",
+    version="0.1.0",
+    description="Compile BELLE-family chat LLMs for Jetson Orin, RTX 3090 and A100, and chat with them on device",
+    python_requires=">=3.10",
+    packages=find_packages(include=["belle_edge", "belle_edge.*"]),
+    package_data={"belle_edge": ["data/*.txt"]},
+    install_requires=RUNTIME,
+    extras_require={"torch": TORCH, "test": TORCH + TEST},
+    entry_points={"console_scripts": ["belle-edge=belle_edge.cli:main"]},
+)

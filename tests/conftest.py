@@ -1,0 +1,106 @@
+"""Shared fixtures: a byte-level BPE tokenizer trained here, tiny random LLaMA (GQA) and BLOOM checkpoints
+written as real Hugging Face directories, and the real default model (loaded once per test run)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+CORPUS = [
+    "你好！请问有什么可以帮您？订单已经发货了，预计三天内送达。",
+    "您好，这件商品支持七天无理由退货。请提供您的订单号。",
+    "谢谢你的帮助！我想查询一下物流信息。快递单号是多少？",
+    "Hello! How can I help you today? Your order has shipped.",
+    "The capital of France is Paris. Please introduce yourself.",
+    "客服：好的，我马上为您处理。请稍等。Human: Assistant:",
+] * 20
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def _write_tokenizer(path, tokenizer, *, chat_template: str | None, eos: str):
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    cfg = {"eos_token": eos, "bos_token": "<|im_start|>"}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=256, tie=False, chat_template=CHATML, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    eos = tokenizer.token_to_id("<|im_end|>")
+    cfg = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_positions, tie_word_embeddings=tie, eos_token_id=eos,
+                      bos_token_id=tokenizer.token_to_id("<|im_start|>"), rope_theta=10000.0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    _write_tokenizer(path, tokenizer, chat_template=chat_template, eos="<|im_end|>")
+    return model
+
+
+def make_tiny_bloom(path, tokenizer, *, layers=2, heads=6, seed=0):
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = BloomConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=16 * heads, n_layer=layers, n_head=heads,
+                      eos_token_id=tokenizer.token_to_id("<|endoftext|>"), bos_token_id=None)
+    model = BloomForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    _write_tokenizer(path, tokenizer, chat_template=None, eos="<|endoftext|>")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
+    path = str(tmp_path_factory.mktemp("tiny_llama"))
+    make_tiny_llama(path, tiny_tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory, tiny_tokenizer):
+    path = str(tmp_path_factory.mktemp("tiny_bloom"))
+    make_tiny_bloom(path, tiny_tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_model(tiny_llama_dir):
+    from belle_edge import load
+
+    return load(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint():
+    from belle_edge.compile.load import load_checkpoint
+
+    return load_checkpoint(None)
+
+
+@pytest.fixture(scope="session")
+def default_model(default_checkpoint):
+    from belle_edge.api import torch_chat_model
+
+    return torch_chat_model(default_checkpoint, name="default")
