@@ -42,7 +42,7 @@ def _write_tokenizer(path, tokenizer, *, chat_template: str | None, eos: str):
         json.dump(cfg, f)
 
 
-def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=256, tie=False, chat_template=CHATML, seed=0):
+def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=512, tie=False, chat_template=CHATML, seed=0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from ..default_model import default_model_path
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError
 from ..models import ModelConfig, family, family_name_for
 from ..runtime.chat_format import ChatFormat, make_chat_format
 
@@ -188,6 +188,7 @@ def _load_gguf(path: str, *, chat_format: str) -> Checkpoint:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    family_name_for(_gguf_architecture(path), path)  # refuse other architectures before the slow part
     folder, name = os.path.split(path)
     hf_logging.disable_progress_bar()
     try:
@@ -209,8 +210,18 @@ def _load_gguf(path: str, *, chat_format: str) -> Checkpoint:
     return Checkpoint(config, state, tokenizer, fmt, _stop_ids(config, tokenizer, fmt), path, "gguf")
 
 
+def _gguf_architecture(path: str) -> str:
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).get_field("general.architecture")
+        if field is None:
+            raise ValueError("no general.architecture in its metadata")
+        return field.contents()
+    except Exception as e:  # truncated or malformed files raise anything from struct/numpy errors up
+        raise _gguf_error(path, e) from None
+
+
 def _gguf_error(path: str, e: Exception) -> Exception:
-    first = (str(e).splitlines() or [type(e).__name__])[0]
-    if "architecture" in first.lower() or "not supported" in first.lower():
-        return UnsupportedModelError(f"{path}: {first}")
+    first = (str(e).splitlines() or [type(e).__name__])[0].replace(path, os.path.basename(path))
     return CheckpointError(f"{path}: not a usable GGUF checkpoint ({first})")

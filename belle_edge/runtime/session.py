@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from ..errors import ContextFullError, InputError, SessionFileError
-from ..mask import MaskConfig
+from ..mask import MaskConfig, retained
 from .detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
 from .kv_cache import CacheLedger
 from .sampler import Sampler, SamplingConfig
@@ -88,6 +88,7 @@ class ChatSession:
         self.stats: list[TurnStats] = []
         self._pending = ""  # close of the last reply (unfed tail + reply_end), prefilled with the next turn
         self._active = None  # the reply iterator in flight, if any
+        self._shifts = 0  # context shifts so far
 
     # ---------------------------------------------------------------- public API
     def reset(self) -> None:
@@ -116,32 +117,34 @@ class ChatSession:
         if not isinstance(message, str) or not message.strip():
             raise InputError("message is empty")
         turn = self.turn + 1
-        new_ids, new_turns = self._tokenize_turn(turn, message)
-        keep = self.ledger.keep_slots(turn, self.mask) if self.mask.enabled else np.arange(self.ledger.n)
+        close, new = self._tokenize_turn(turn, message)
+        # what the cache will hold once the new turn is in: everything a query of this turn can still see
+        start = self.ledger.next_position
+        positions = np.concatenate([self.ledger.positions, np.arange(start, start + len(close[0]))])
+        turns = np.concatenate([self.ledger.turns, close[1]])
+        kept = int(retained(positions, turns, turn, self.mask).sum()) if self.mask.enabled else len(positions)
         room = min(self.ledger.capacity, self.model.max_positions)
-        if len(keep) + len(new_ids) + 1 > room:
-            self._refuse(len(keep), len(new_ids), room)
-        shift = int(self.ledger.next_position) + len(new_ids) + 1 > self.model.max_positions
-        self._active = self._run_turn(t0, turn, message, new_ids, new_turns, keep, shift)
+        if kept + len(new[0]) + 1 > room:
+            self._refuse(kept, len(new[0]), room)
+        self._active = self._run_turn(t0, turn, message, close, new)
         return self._active
 
     # ---------------------------------------------------------------- planning
-    def _tokenize_turn(self, turn: int, message: str) -> tuple[np.ndarray, np.ndarray]:
+    def _tokenize_turn(self, turn: int, message: str):
+        """Two groups of (ids, turns): what closes the previous turn (or the system segment, on the first
+        turn), and the new turn up to the assistant's reply."""
         fmt = self._fmt
         if self.turn == 0:
-            segments = [(fmt.system_text(self.system), 0), (fmt.first_turn_text(self.system, message), turn)]
+            texts = [(fmt.system_text(self.system), 0), (fmt.first_turn_text(self.system, message), turn)]
         else:
-            segments = [(self._pending, self.turn), (fmt.turn_text(message), turn)]
-        ids, turns = [], []
+            texts = [(self._pending, self.turn), (fmt.turn_text(message), turn)]
+        groups = []
         specials = self.turn == 0 and fmt.add_special_tokens_first
-        for text, t in segments:
-            if not text:
-                continue
-            piece = self.model.tokenizer.encode(text, add_special_tokens=specials).ids
-            specials = False
-            ids += piece
-            turns += [t] * len(piece)
-        return np.asarray(ids, dtype=np.int64), np.asarray(turns, dtype=np.int64)
+        for text, t in texts:
+            ids = self.model.tokenizer.encode(text, add_special_tokens=specials).ids if text else []
+            specials = specials and not ids  # the tokenizer's BOS rule applies to the first text only
+            groups.append((np.asarray(ids, dtype=np.int64), np.full(len(ids), t, dtype=np.int64)))
+        return groups
 
     def _refuse(self, kept: int, new: int, room: int):
         if not self.mask.enabled and kept:
@@ -153,28 +156,28 @@ class ChatSession:
             f"{room} (max_kv_tokens / the model's positions); shorten the message")
 
     # ---------------------------------------------------------------- running
-    def _run_turn(self, t0, turn, message, new_ids, new_turns, keep, shift) -> Iterator[str]:
-        evicted = self.ledger.n - len(keep)
-        if evicted:
-            self.backend.keep(keep)
-            self.ledger.keep(keep)
-        if shift:
-            self._context_shift()
-        start = self.ledger.next_position
-        positions = np.arange(start, start + len(new_ids), dtype=np.int64)
-        n_before = self.ledger.n
+    def _run_turn(self, t0, turn, message, close, new) -> Iterator[str]:
         t_prefill = time.perf_counter()
-        try:
-            logits = self._prefill(new_ids, positions, new_turns)
-        except BaseException:
-            self.ledger.truncate(n_before)  # the turn did not happen; the session is as it was
-            raise
+        shifts = self._shifts
+        room = min(self.ledger.capacity, self.model.max_positions)
+        # The close of the previous reply belongs to that turn, so it is computed while that turn's window is
+        # still in the cache (exactly as a full forward would see it); only if the cache is too full for it
+        # are the old turns evicted first.
+        close_first = self.ledger.n + len(close[0]) + 1 <= room
+        if close_first:
+            self._append(*close)
+            self._pending = ""
+        evicted = self._evict(turn)
+        if not close_first:
+            self._append(*close)
+            self._pending = ""
+        logits = self._append(*new)
         # the turn is now part of the dialogue
         self.turn = turn
         self.history.append({"user": message, "reply": ""})
-        stats = TurnStats(turn=turn, prompt_tokens=len(new_ids), new_tokens=0, ttft_ms=0.0, prefill_tok_s=0.0,
-                          decode_tok_s=0.0, kv_tokens=0, evicted_tokens=evicted, context_shift=shift,
-                          finish_reason="interrupted", total_ms=0.0)
+        stats = TurnStats(turn=turn, prompt_tokens=len(close[0]) + len(new[0]), new_tokens=0, ttft_ms=0.0,
+                          prefill_tok_s=0.0, decode_tok_s=0.0, kv_tokens=0, evicted_tokens=evicted,
+                          context_shift=self._shifts > shifts, finish_reason="interrupted", total_ms=0.0)
         detok = IncrementalDetokenizer(self.model.tokenizer)
         fed = emitted = 0
         stop_at = -1
@@ -187,7 +190,7 @@ class ChatSession:
                 if t_first is None:
                     t_first = now
                     stats.ttft_ms = (now - t0) * 1e3
-                    stats.prefill_tok_s = len(new_ids) / max(now - t_prefill, 1e-9)
+                    stats.prefill_tok_s = stats.prompt_tokens / max(now - t_prefill, 1e-9)
                 t_last = now
                 if token in self.model.stop_token_ids:
                     stats.finish_reason = "eos"
@@ -218,6 +221,7 @@ class ChatSession:
             # runs on every exit, Ctrl-C and a closed stream included: keep the session consistent
             reply = self._settle(detok, fed, stop_at)
             stats.kv_tokens = self.ledger.n
+            stats.context_shift = self._shifts > shifts
             if t_first is not None and stats.new_tokens > 0 and t_last > t_first:
                 sampled = stats.new_tokens + (stats.finish_reason == "eos")
                 stats.decode_tok_s = (sampled - 1) / (t_last - t_first)
@@ -225,6 +229,30 @@ class ChatSession:
             self.stats.append(stats)
         if emitted < len(reply):
             yield reply[emitted:]
+
+    def _append(self, ids: np.ndarray, turns: np.ndarray) -> np.ndarray | None:
+        """Prefill tokens at the next positions (shifting first if they would pass the model's limit).
+        On any failure the ledger is rolled back, so the tokens were simply never added."""
+        if not len(ids):
+            return None
+        if self.ledger.next_position + len(ids) + 1 > self.model.max_positions:
+            self._context_shift()
+        start, n_before = self.ledger.next_position, self.ledger.n
+        try:
+            return self._prefill(ids, np.arange(start, start + len(ids), dtype=np.int64), turns)
+        except BaseException:
+            self.ledger.truncate(n_before)
+            raise
+
+    def _evict(self, turn: int) -> int:
+        if not self.mask.enabled:
+            return 0
+        keep = self.ledger.keep_slots(turn, self.mask)
+        evicted = self.ledger.n - len(keep)
+        if evicted:
+            self.backend.keep(keep)
+            self.ledger.keep(keep)
+        return evicted
 
     def _prefill(self, ids, positions, turns) -> np.ndarray:
         logits = None
@@ -251,6 +279,7 @@ class ChatSession:
         """Re-prefill the kept tokens at fresh positions 0..n-1 (positions stay absolute, never truncated)."""
         ids, turns = self.ledger.ids.copy(), self.ledger.turns.copy()
         self.ledger.truncate(0)
+        self._shifts += 1
         self._prefill(ids, np.arange(len(ids), dtype=np.int64), turns)
 
     def _settle(self, detok: IncrementalDetokenizer, fed: int, stop_at: int) -> str:

