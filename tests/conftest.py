@@ -20,6 +20,20 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_model_cache(tmp_path_factory):
+    """Tests convert the default GGUF once into their own cache (so the conversion itself is tested), and
+    every later load in the run, subprocesses included, reads that cache; the user's cache is not touched."""
+    path = str(tmp_path_factory.mktemp("belle_edge_cache"))
+    old = os.environ.get("BELLE_EDGE_CACHE")
+    os.environ["BELLE_EDGE_CACHE"] = path
+    yield path
+    if old is None:
+        os.environ.pop("BELLE_EDGE_CACHE", None)
+    else:
+        os.environ["BELLE_EDGE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -1,4 +1,6 @@
 """The canonical decoder against transformers, with the mask off (the original model)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -75,3 +77,22 @@ def test_logits_equal_transformers_on_the_default_model(default_checkpoint):
     text = "The turn window keeps memory bounded. 你好，世界！"
     ids = torch.tensor([default_checkpoint.tokenizer.encode(text).ids])
     _compare(hf, decoder, ids)
+
+
+@pytest.mark.slow
+def test_the_cached_conversion_loads_identically_and_in_stock_transformers(default_checkpoint, private_model_cache):
+    from transformers import AutoModelForCausalLM
+
+    from belle_edge.compile.load import _gguf_cache_dir
+    from belle_edge.default_model import default_model_path
+
+    folder = _gguf_cache_dir(default_model_path())
+    assert folder.startswith(private_model_cache) and os.path.isdir(folder)
+    again = load_checkpoint(None)
+    assert again.config == default_checkpoint.config and again.fingerprint == default_checkpoint.fingerprint
+    assert again.chat_format == default_checkpoint.chat_format
+    for name, tensor in default_checkpoint.state_dict.items():
+        assert torch.equal(again.state_dict[name], tensor), name
+    stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([default_checkpoint.tokenizer.encode("Hello, 世界").ids])
+    _compare(stock, _ours(again), ids)

@@ -6,7 +6,10 @@ Accepted, never fetched from a hub:
   ``allow_pickle=True``: unpickling can run code), a tokenizer (``tokenizer.json``, or a SentencePiece
   ``tokenizer.model`` converted by transformers) and ``tokenizer_config.json`` / ``chat_template.jinja``;
 * a GGUF file (or a directory holding exactly one), read through transformers' GGUF support, which
-  dequantizes the weights to fp32;
+  dequantizes the weights to fp32. That takes half a minute even for the 135M default model (the reader
+  parses the file several times), so the result is kept as a Hugging Face directory in a local cache
+  (``$BELLE_EDGE_CACHE``, default ``~/.cache/belle_edge``) keyed by the file's path, size and mtime; the
+  next load reads that in a second or two;
 * nothing: the default model (:mod:`belle_edge.default_model`).
 
 Every failure a user can cause is a one-line ``CheckpointError`` / ``UnsupportedModelError``.
@@ -177,6 +180,61 @@ def _stop_ids(config: ModelConfig, tokenizer: Tokenizer, fmt: ChatFormat) -> fro
 
 # ------------------------------------------------------------------------------------------- GGUF
 def _load_gguf(path: str, *, chat_format: str) -> Checkpoint:
+    cached = _gguf_cache_dir(path)
+    if cached and os.path.isfile(os.path.join(cached, _CACHE_DONE)):
+        ckpt = _load_hf_dir(cached, allow_pickle=False, chat_format=chat_format)
+        ckpt.source, ckpt.kind = path, "gguf"
+        return ckpt
+    ckpt, tok = _convert_gguf(path, chat_format=chat_format)
+    if cached:
+        _write_hf_dir(ckpt, tok, cached)
+    return ckpt
+
+
+_CACHE_DONE = "belle_edge_cache_complete"
+
+
+def _gguf_cache_dir(path: str) -> str | None:
+    root = os.environ.get("BELLE_EDGE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "belle_edge"))
+    if root.lower() in ("", "0", "off", "none"):
+        return None
+    import transformers
+
+    from .. import __version__
+
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{__version__}|{transformers.__version__}"
+    return os.path.join(root, "gguf", hashlib.sha256(key.encode()).hexdigest()[:20])
+
+
+def _write_hf_dir(ckpt: Checkpoint, tok, folder: str) -> None:
+    """Write the converted checkpoint as a stock Hugging Face directory; a failure only costs the cache."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    fam = family(ckpt.config.family)
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(fam.hf_config(ckpt.config), f, indent=1)
+        state = {k: v.contiguous() for k, v in fam.state_dict_to_hf(ckpt.state_dict, ckpt.config).items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        ckpt.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"chat_template": tok.chat_template, "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                       "source": ckpt.source}, f, indent=1, ensure_ascii=False)
+        open(os.path.join(tmp, _CACHE_DONE), "w").close()
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+
+
+def _convert_gguf(path: str, *, chat_format: str):
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -207,7 +265,7 @@ def _load_gguf(path: str, *, chat_format: str) -> Checkpoint:
     _check_vocab(tokenizer, config, path)
     fmt = make_chat_format(chat_format, template=tok.chat_template, bos_token=tok.bos_token,
                            eos_token=tok.eos_token, where=path)
-    return Checkpoint(config, state, tokenizer, fmt, _stop_ids(config, tokenizer, fmt), path, "gguf")
+    return Checkpoint(config, state, tokenizer, fmt, _stop_ids(config, tokenizer, fmt), path, "gguf"), tok
 
 
 def _gguf_architecture(path: str) -> str:
