@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.belle-edge-installed
 
-.PHONY: demo test test-all clean-venv
+.PHONY: demo test clean-venv
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,9 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(VENV)/bin/belle-edge demo
 
+# GPU tests (tests/gpu, marker `gpu`) run where CUDA is available and skip with the reason elsewhere.
 test: $(STAMP)
-	$(PY) -m pytest -m "not gpu" -q
-
-test-all: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 clean-venv:
 	rm -rf $(VENV)

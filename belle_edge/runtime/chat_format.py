@@ -123,8 +123,10 @@ class TemplateFormat:
 
     @property
     def end_token(self) -> str | None:
-        end = self.reply_end.strip()
-        return end if end and end == self.eos_token else (self.eos_token or None)
+        """What closes a reply in the template ("<|im_end|>", "</s>"), else the EOS token. The loader stops
+        on it only if the tokenizer has it as one token."""
+        end = self.reply_end.split()
+        return end[0] if end else self.eos_token
 
     @property
     def reply_end(self) -> str:
