@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
     _add_session_args(demo)
     demo.add_argument("--json", action="store_true")
+    # a 135M model loops without a little repetition penalty; short replies keep the demo brisk
+    demo.set_defaults(max_new_tokens=80, repetition_penalty=1.1)
     return parser
 
 
@@ -203,6 +205,8 @@ def _command(session, line: str) -> bool:
         for s in session.stats:
             print(f"    {_stats_line(s)}")
         _print_summary(session)
+        segments = ", ".join(f"{'system' if t == 0 else f'turn {t}'}: {n}" for t, n in session.ledger.turn_counts().items())
+        print(f"    kv cache by turn: {segments or 'empty'}")
     elif name == "/save":
         path = arg.strip() or "session.npz"
         try:
