@@ -29,8 +29,14 @@ def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name:
     from .models.decoder import Decoder
     from .runtime.backends.torch_backend import TorchBackend
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r}: CUDA is not available on this machine")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"device {device!r}: expected cpu or cuda[:N]") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"device {device!r}: no such CUDA device on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: expected cpu or cuda[:N]")
     decoder = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source,
                                       dtype=getattr(torch, dtype), device=device)
     return ChatModel(

@@ -53,3 +53,17 @@ def test_auto_prefers_the_checkpoints_template():
     assert make_chat_format("auto", template=None, bos_token=None, eos_token=None, where="x").name == "belle"
     with pytest.raises(InputError, match="expected one of auto, template, belle, belle-v2"):
         make_chat_format("chatml", template=None, bos_token=None, eos_token=None, where="x")
+
+
+def test_a_template_that_refuses_system_prompts_works_without_one():
+    template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                "{% endif %}" + CHATML)
+    fmt = TemplateFormat(template)
+    assert fmt.first_turn_text(None, "hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(InputError, match="does not accept a system prompt"):
+        fmt.system_text("你是客服。")
+
+
+def test_a_template_that_cannot_render_is_refused():
+    with pytest.raises(UnsupportedModelError, match="cannot render a conversation"):
+        TemplateFormat("{{ messages[0]['content'] + 1 }}")

@@ -119,3 +119,10 @@ def test_load_rejects_a_truncated_gguf(tmp_path):
 def test_template_format_is_refused_without_a_template(tiny_bloom_dir):
     with pytest.raises(InputError, match="has no chat template"):
         load_checkpoint(tiny_bloom_dir, chat_format="template")
+
+
+def test_an_unknown_device_is_refused(tiny_llama_dir):
+    from belle_edge import load
+
+    with pytest.raises(InputError, match="device 'bogus'"):
+        load(tiny_llama_dir, device="bogus")

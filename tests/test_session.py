@@ -172,7 +172,7 @@ def test_a_stop_string_cuts_the_reply_and_the_cache(model):
     s = model.session(max_new_tokens=24, stop=(stop,))
     recorded(s)
     got = s.send(m)
-    assert got.text == reply[:cut] and got.stats.finish_reason == "stop"
+    assert got.text == reply[:cut].rstrip() and got.stats.finish_reason == "stop"
     s.send(MESSAGES[1])  # the cache was rolled back to before the stop string: the next turn builds on that
     assert_cache_equals_full_forward(s)
 
@@ -223,3 +223,97 @@ def test_the_default_model_chats_in_english_and_chinese(default_model):
     assert second.text.strip() and "\ufffd" not in second.text
     assert second.stats.prompt_tokens < second.stats.kv_tokens
     assert second.stats.ttft_ms > 0 and second.stats.decode_tok_s > 0
+
+
+def test_ctrl_c_in_the_first_prefill_does_not_feed_the_system_prompt_twice(model):
+    s = model.session(system="你是客服。", max_new_tokens=4)
+    rec = recorded(s, fail_on_call=2)  # call 1: the system segment, call 2: the first message
+    with pytest.raises(KeyboardInterrupt):
+        s.send(MESSAGES[0])
+    rec.fail_on_call = None
+    s.send(MESSAGES[0])
+    text = model.tokenizer.decode(s.ledger.ids.tolist(), skip_special_tokens=False)
+    assert text.count("你是客服。") == 1
+
+
+class FailingKeep:
+    """A real backend whose next compaction is interrupted after the first layer."""
+
+    def __init__(self, inner):
+        self.inner, self.armed = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def keep(self, slots):
+        if self.armed:
+            self.armed = False
+            first = self.inner.caches[0]
+            first.keep(torch.as_tensor(slots))  # one layer compacted, the others not
+            raise KeyboardInterrupt
+        return self.inner.keep(slots)
+
+
+def test_an_interrupted_eviction_is_repaired_on_the_next_turn(model):
+    twin = model.session(window=1, sinks=2, max_new_tokens=5)
+    s = model.session(window=1, sinks=2, max_new_tokens=5)
+    s.backend = FailingKeep(s.backend)
+    for m in MESSAGES[:2]:
+        s.send(m)
+        twin.send(m)
+    s.backend.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        s.send(MESSAGES[2])
+    assert s._valid == 0  # the backend's cache is known to be stale
+    s.send(MESSAGES[2])
+    twin.send(MESSAGES[2])
+    assert s.ledger.n == twin.ledger.n and s._valid == s.ledger.n
+    # the repaired cache holds exactly the ledger's dialogue: its last logits equal a full masked forward
+    # over the held tokens (they were recomputed without the evicted turns)
+    with torch.no_grad():
+        full = s.backend.inner.decoder(torch.from_numpy(s.ledger.ids)[None], s.ledger.positions, s.ledger.turns,
+                                       s.mask)[0, -1].numpy()
+    got = s.backend.forward(np.array([int(s.ledger.ids[-1])]), np.array([s.ledger.next_position]),
+                            np.array([s.turn]), start=s.ledger.n,
+                            key_positions=np.append(s.ledger.positions, s.ledger.next_position),
+                            key_turns=np.append(s.ledger.turns, s.turn), mask=s.mask)
+    assert np.isfinite(got).all() and np.isfinite(full).all()
+
+
+def test_an_interrupted_context_shift_keeps_every_token_and_completes_later(model):
+    s = model.session(window=1, sinks=2, max_new_tokens=6)
+    s.prefill_chunk = 8
+    rec = recorded(s)
+    for m in MESSAGES[:4]:
+        s.send(m)
+    ids = s.ledger.ids.copy()
+    rec.fail_on_call = rec.calls + 2  # inside the re-prefill, after its first chunk
+    with pytest.raises(KeyboardInterrupt):
+        s._context_shift()
+    assert (s.ledger.ids == ids).all() and (s.ledger.positions == np.arange(len(ids))).all()
+    assert 0 < s._valid < s.ledger.n
+    rec.fail_on_call = None
+    s.send(MESSAGES[4])  # finishes the shift first, then the turn
+    assert s._valid == s.ledger.n
+    assert_cache_equals_full_forward(s)  # a (finished) shift is a full re-prefill at the new positions
+
+
+def test_reset_while_a_reply_streams_leaves_the_new_dialogue_alone(model):
+    s = model.session(max_new_tokens=20)
+    stream = s.stream(MESSAGES[0])
+    next(stream)
+    s.reset()
+    reply = s.send(MESSAGES[1])
+    stream.close()
+    assert [h["user"] for h in s.history] == [MESSAGES[1]] and s.history[0]["reply"] == reply.text
+    assert len(s.stats) == 1
+
+
+def test_a_damaged_session_file_is_refused(model, tmp_path):
+    s = model.session(max_new_tokens=3)
+    s.send(MESSAGES[0])
+    path = tmp_path / "s.npz"
+    s.save(str(path))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(SessionFileError, match="not a readable belle_edge session file"):
+        model.restore(str(path))

@@ -101,11 +101,20 @@ class TemplateFormat:
         self._check_incremental()
 
     def _render(self, messages: list[dict], generation: bool) -> str:
-        return self._compiled.render(messages=messages, add_generation_prompt=generation,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        import jinja2
 
-    @staticmethod
-    def _system(system):
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=generation,
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+            raise UnsupportedModelError(f"chat template cannot render a conversation ({type(e).__name__}: {e}); "
+                                        "choose --chat-format belle or belle-v2") from None
+
+    _no_system = False  # set when the template refuses a system message
+
+    def _system(self, system):
+        if system and self._no_system:
+            raise InputError("this model's chat template does not accept a system prompt; leave --system out")
         return [{"role": "system", "content": system}] if system else []
 
     def _history(self, system):
@@ -114,6 +123,12 @@ class TemplateFormat:
 
     def _check_incremental(self) -> None:
         for system in (None, "S"):
+            if system:
+                try:
+                    self._render(self._system(system) + [{"role": "user", "content": "M"}], True)
+                except UnsupportedModelError:  # e.g. raise_exception('System role not supported')
+                    object.__setattr__(self, "_no_system", True)
+                    continue
             hist = self._render(self._history(system), False)
             full = self._render(self._history(system) + [{"role": "user", "content": "M"}], True)
             if not full.startswith(hist) or _SENTINEL_REPLY not in hist:

@@ -10,9 +10,11 @@ One turn, step by step::
             --decode-->   sample, stream whole characters, stop on EOS / stop strings / limits
             --settle-->   roll the cache back to a clean text boundary, remember the unfed tail
 
-The session is consistent after every step: the ledger is updated only after the backend call that fills
-those slots returned, and a turn that fails or is interrupted (Ctrl-C, a closed stream) rolls back to the
-last consistent point, so the session stays usable.
+Consistency: the ledger always says what the cache *should* hold; ``_valid`` says how many of its leading
+slots the backend really holds. A forward call appends to the ledger only after it returned; work that
+rewrites the backend's cache (eviction, a context shift) first drops ``_valid``, so if it is interrupted
+(Ctrl-C, a closed stream) the next call re-prefills the ledger and carries on. A turn that fails before its
+prompt is in leaves the dialogue as it was; one interrupted while decoding keeps the reply so far.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -76,23 +79,28 @@ class ChatSession:
         self.backend = model.backend_factory(capacity)
         self.ledger = CacheLedger(capacity)
         self.sampler = Sampler(self.sampling)
-        self._fmt = model.chat_format
         self.stop = tuple(stop)  # extra stop strings, beyond the chat format's
+        self._fmt = model.chat_format
         self._stops = tuple(self._fmt.stop_strings) + self.stop
+        self._active = None  # the reply iterator in flight, if any
+        self._epoch = 0  # bumped by reset(): a stale reply iterator must not touch the new dialogue
         self._clear()
 
     def _clear(self) -> None:
         self.ledger.truncate(0)
+        self._valid = 0  # leading ledger slots the backend really holds
         self.turn = 0  # number of the last turn taken (0: none yet)
         self.history: list[dict] = []  # {"user": ..., "reply": ...}
         self.stats: list[TurnStats] = []
+        self._opened = False  # the system segment (turn 0) is in the cache
         self._pending = ""  # close of the last reply (unfed tail + reply_end), prefilled with the next turn
-        self._active = None  # the reply iterator in flight, if any
         self._shifts = 0  # context shifts so far
 
     # ---------------------------------------------------------------- public API
     def reset(self) -> None:
         """Forget the dialogue (the system prompt and settings stay)."""
+        self._close_active()
+        self._epoch += 1
         self._clear()
 
     @property
@@ -111,9 +119,7 @@ class ChatSession:
         """Check and plan the turn now (errors raise here, the session untouched); the returned iterator
         prefills and yields the reply's text in whole characters."""
         t0 = time.perf_counter()
-        if self._active is not None:
-            self._active.close()  # a reply left half-read ends here, settled, before the next turn is planned
-            self._active = None
+        self._close_active()  # a reply left half-read ends here, settled, before the next turn is planned
         if not isinstance(message, str) or not message.strip():
             raise InputError("message is empty")
         turn = self.turn + 1
@@ -123,23 +129,32 @@ class ChatSession:
         positions = np.concatenate([self.ledger.positions, np.arange(start, start + len(close[0]))])
         turns = np.concatenate([self.ledger.turns, close[1]])
         kept = int(retained(positions, turns, turn, self.mask).sum()) if self.mask.enabled else len(positions)
-        room = min(self.ledger.capacity, self.model.max_positions)
-        if kept + len(new[0]) + 1 > room:
-            self._refuse(kept, len(new[0]), room)
+        if kept + len(new[0]) + 1 > self._room:
+            self._refuse(kept, len(new[0]), self._room)
         self._active = self._run_turn(t0, turn, message, close, new)
         return self._active
 
     # ---------------------------------------------------------------- planning
+    @property
+    def _room(self) -> int:
+        return min(self.ledger.capacity, self.model.max_positions)
+
+    def _close_active(self) -> None:
+        if self._active is not None:
+            active, self._active = self._active, None
+            active.close()
+
     def _tokenize_turn(self, turn: int, message: str):
         """Two groups of (ids, turns): what closes the previous turn (or the system segment, on the first
         turn), and the new turn up to the assistant's reply."""
         fmt = self._fmt
         if self.turn == 0:
-            texts = [(fmt.system_text(self.system), 0), (fmt.first_turn_text(self.system, message), turn)]
+            system = fmt.system_text(self.system) if not self._opened else ""
+            texts = [(system, 0), (fmt.first_turn_text(self.system, message), turn)]
         else:
             texts = [(self._pending, self.turn), (fmt.turn_text(message), turn)]
         groups = []
-        specials = self.turn == 0 and fmt.add_special_tokens_first
+        specials = not self._opened and fmt.add_special_tokens_first
         for text, t in texts:
             ids = self.model.tokenizer.encode(text, add_special_tokens=specials).ids if text else []
             specials = specials and not ids  # the tokenizer's BOS rule applies to the first text only
@@ -157,41 +172,40 @@ class ChatSession:
 
     # ---------------------------------------------------------------- running
     def _run_turn(self, t0, turn, message, close, new) -> Iterator[str]:
+        epoch = self._epoch
         t_prefill = time.perf_counter()
         shifts = self._shifts
-        room = min(self.ledger.capacity, self.model.max_positions)
         # The close of the previous reply belongs to that turn, so it is computed while that turn's window is
-        # still in the cache (exactly as a full forward would see it); only if the cache is too full for it
-        # are the old turns evicted first.
-        close_first = self.ledger.n + len(close[0]) + 1 <= room
-        if close_first:
-            self._append(*close)
-            self._pending = ""
+        # still in the cache (exactly as a full forward would see it) — when it fits without evicting or
+        # shifting; otherwise the old turns go first.
+        fits = (self.ledger.n + len(close[0]) + 1 <= self._room
+                and self.ledger.next_position + len(close[0]) + 1 <= self.model.max_positions)
+        if fits:
+            self._append_close(close)
         evicted = self._evict(turn)
-        if not close_first:
-            self._append(*close)
-            self._pending = ""
+        if not fits:
+            self._append_close(close)
         logits = self._append(*new)
         # the turn is now part of the dialogue
         self.turn = turn
         self.history.append({"user": message, "reply": ""})
         stats = TurnStats(turn=turn, prompt_tokens=len(close[0]) + len(new[0]), new_tokens=0, ttft_ms=0.0,
                           prefill_tok_s=0.0, decode_tok_s=0.0, kv_tokens=0, evicted_tokens=evicted,
-                          context_shift=self._shifts > shifts, finish_reason="interrupted", total_ms=0.0)
+                          context_shift=False, finish_reason="interrupted", total_ms=0.0)
         detok = IncrementalDetokenizer(self.model.tokenizer)
-        fed = emitted = 0
+        decode_start = self.ledger.n  # generated tokens are the ledger's slots from here on
+        emitted = 0
         stop_at = -1
-        t_first = None
+        t_first = t_last = None
         try:
             while True:
                 context = self.ledger.ids if self.sampling.repetition_penalty != 1.0 else None
                 token = self.sampler(logits, context)
-                now = time.perf_counter()
+                t_last = time.perf_counter()
                 if t_first is None:
-                    t_first = now
-                    stats.ttft_ms = (now - t0) * 1e3
-                    stats.prefill_tok_s = stats.prompt_tokens / max(now - t_prefill, 1e-9)
-                t_last = now
+                    t_first = t_last
+                    stats.ttft_ms = (t_last - t0) * 1e3
+                    stats.prefill_tok_s = stats.prompt_tokens / max(t_last - t_prefill, 1e-9)
                 if token in self.model.stop_token_ids:
                     stats.finish_reason = "eos"
                     break
@@ -211,50 +225,41 @@ class ChatSession:
                 if not self._room_for_one():
                     stats.finish_reason = "context"
                     break
-                pos = self.ledger.next_position
-                logits = self.backend.forward(np.array([token]), np.array([pos]), np.array([turn]),
-                                              start=self.ledger.n, key_positions=np.append(self.ledger.positions, pos),
-                                              key_turns=np.append(self.ledger.turns, turn), mask=self.mask)
-                self.ledger.append([token], [pos], [turn])
-                fed += 1
+                logits = self._append(np.array([token]), np.array([turn]))
         finally:
-            # runs on every exit, Ctrl-C and a closed stream included: keep the session consistent
-            reply = self._settle(detok, fed, stop_at)
-            stats.kv_tokens = self.ledger.n
-            stats.context_shift = self._shifts > shifts
-            if t_first is not None and stats.new_tokens > 0 and t_last > t_first:
-                sampled = stats.new_tokens + (stats.finish_reason == "eos")
-                stats.decode_tok_s = (sampled - 1) / (t_last - t_first)
-            stats.total_ms = (time.perf_counter() - t0) * 1e3
-            self.stats.append(stats)
+            # every exit, Ctrl-C and a closed stream included, leaves a consistent session
+            reply = ""
+            if epoch == self._epoch:
+                reply = self._settle(detok, self.ledger.n - decode_start, stop_at)
+                stats.kv_tokens = self.ledger.n
+                stats.context_shift = self._shifts > shifts
+                if t_first is not None and t_last > t_first:
+                    sampled = stats.new_tokens + (stats.finish_reason == "eos")
+                    stats.decode_tok_s = (sampled - 1) / (t_last - t_first)
+                stats.total_ms = (time.perf_counter() - t0) * 1e3
+                self.stats.append(stats)
         if emitted < len(reply):
             yield reply[emitted:]
 
+    def _append_close(self, close) -> None:
+        self._append(*close)
+        self._pending = ""
+        self._opened = True
+
     def _append(self, ids: np.ndarray, turns: np.ndarray) -> np.ndarray | None:
-        """Prefill tokens at the next positions (shifting first if they would pass the model's limit).
-        On any failure the ledger is rolled back, so the tokens were simply never added."""
+        """Prefill tokens at the next positions (shifting first if they would pass the model's limit) and
+        return the last one's logits. If interrupted, the tokens were simply never added."""
         if not len(ids):
             return None
         if self.ledger.next_position + len(ids) + 1 > self.model.max_positions:
             self._context_shift()
-        start, n_before = self.ledger.next_position, self.ledger.n
-        try:
-            return self._prefill(ids, np.arange(start, start + len(ids), dtype=np.int64), turns)
-        except BaseException:
-            self.ledger.truncate(n_before)
-            raise
-
-    def _evict(self, turn: int) -> int:
-        if not self.mask.enabled:
-            return 0
-        keep = self.ledger.keep_slots(turn, self.mask)
-        evicted = self.ledger.n - len(keep)
-        if evicted:
-            self.backend.keep(keep)
-            self.ledger.keep(keep)
-        return evicted
+        self._sync()
+        start = self.ledger.next_position
+        return self._prefill(ids, np.arange(start, start + len(ids), dtype=np.int64), turns)
 
     def _prefill(self, ids, positions, turns) -> np.ndarray:
+        """Run tokens through the backend in chunks after the slots it holds; the ledger grows per chunk."""
+        assert self._valid == self.ledger.n
         logits = None
         for a in range(0, len(ids), self.prefill_chunk):
             b = min(a + self.prefill_chunk, len(ids))
@@ -263,7 +268,32 @@ class ChatSession:
                                           key_positions=np.concatenate([self.ledger.positions, positions[a:b]]),
                                           key_turns=np.concatenate([self.ledger.turns, turns[a:b]]), mask=self.mask)
             self.ledger.append(ids[a:b], positions[a:b], turns[a:b])
+            self._valid = self.ledger.n
         return logits
+
+    def _sync(self) -> None:
+        """Re-prefill the ledger's slots the backend does not hold (after an interrupted eviction or context
+        shift), leaving the ledger as it is. Keys it evicted are gone for good: this recomputes, it does
+        not restore."""
+        ids, positions, turns = self.ledger.ids, self.ledger.positions, self.ledger.turns
+        while self._valid < self.ledger.n:
+            a = self._valid
+            b = min(a + self.prefill_chunk, self.ledger.n)
+            self.backend.forward(ids[a:b], positions[a:b], turns[a:b], start=a, key_positions=positions[:b],
+                                 key_turns=turns[:b], mask=self.mask)
+            self._valid = b
+
+    def _evict(self, turn: int) -> int:
+        if not self.mask.enabled:
+            return 0
+        keep = self.ledger.keep_slots(turn, self.mask)
+        evicted = self.ledger.n - len(keep)
+        if evicted:
+            self._valid = 0  # the backend's copy is in flux until both sides are compacted
+            self.backend.keep(keep)
+            self.ledger.keep(keep)
+            self._valid = self.ledger.n
+        return evicted
 
     def _room_for_one(self) -> bool:
         if self.ledger.free < 1:
@@ -277,17 +307,20 @@ class ChatSession:
 
     def _context_shift(self) -> None:
         """Re-prefill the kept tokens at fresh positions 0..n-1 (positions stay absolute, never truncated)."""
-        ids, turns = self.ledger.ids.copy(), self.ledger.turns.copy()
-        self.ledger.truncate(0)
+        self._valid = 0
+        self.ledger.reposition()
         self._shifts += 1
-        self._prefill(ids, np.arange(len(ids), dtype=np.int64), turns)
+        self._sync()
 
     def _settle(self, detok: IncrementalDetokenizer, fed: int, stop_at: int) -> str:
         """Fix the reply's text and roll the cache back to the last clean text boundary within it."""
-        limit = stop_at if stop_at >= 0 else len(detok.text)
+        limit = len(detok.text)
+        if stop_at >= 0:  # what precedes a stop string is the reply; its trailing blank lines are not
+            limit = len(detok.text[:stop_at].rstrip())
         reply = detok.text[:limit]
         tokens, chars = detok.boundary(fed, limit)
         self.ledger.truncate(self.ledger.n - (fed - tokens))
+        self._valid = min(self._valid, self.ledger.n)
         self._pending = reply[chars:] + self._fmt.reply_end
         self.history[-1]["reply"] = reply
         return reply
@@ -295,13 +328,14 @@ class ChatSession:
     # ---------------------------------------------------------------- save / restore
     def save(self, path: str) -> None:
         """Write the whole session (KV included, so a restore continues exactly) to ``path`` (.npz)."""
+        self._close_active()
+        self._sync()
         meta = {
             "version": SESSION_FILE_VERSION, "fingerprint": self.model.fingerprint, "system": self.system,
             "mask": dataclasses.asdict(self.mask), "sampling": dataclasses.asdict(self.sampling),
             "max_new_tokens": self.max_new_tokens, "capacity": self.ledger.capacity, "stop": list(self.stop),
-            "turn": self.turn,
-            "history": self.history, "pending": self._pending, "sampler_state": self.sampler.state(),
-            "stats": [dataclasses.asdict(s) for s in self.stats],
+            "turn": self.turn, "opened": self._opened, "history": self.history, "pending": self._pending,
+            "sampler_state": self.sampler.state(), "stats": [dataclasses.asdict(s) for s in self.stats],
         }
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -315,18 +349,23 @@ class ChatSession:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {k: data[k] for k in ("ids", "positions", "turns", "kv")}
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise SessionFileError(f"{path}: not a readable belle_edge session file ({e})") from None
         if meta.get("version") != SESSION_FILE_VERSION:
             raise SessionFileError(f"{path}: session file version {meta.get('version')}, expected {SESSION_FILE_VERSION}")
-        if meta["fingerprint"] != model.fingerprint:
-            raise SessionFileError(f"{path}: saved from another model ({meta['fingerprint']} vs {model.fingerprint})")
-        session = cls(model, system=meta["system"], mask=MaskConfig(**meta["mask"]),
-                      sampling=SamplingConfig(**meta["sampling"]), max_new_tokens=meta["max_new_tokens"],
-                      max_kv_tokens=meta["capacity"], stop=tuple(meta["stop"]))
-        session.ledger.load_arrays(arrays)
-        session.backend.write_kv(arrays.pop("kv"))
+        if meta.get("fingerprint") != model.fingerprint:
+            raise SessionFileError(f"{path}: saved from another model ({meta.get('fingerprint')} vs {model.fingerprint})")
+        try:
+            session = cls(model, system=meta["system"], mask=MaskConfig(**meta["mask"]),
+                          sampling=SamplingConfig(**meta["sampling"]), max_new_tokens=meta["max_new_tokens"],
+                          max_kv_tokens=meta["capacity"], stop=tuple(meta["stop"]))
+            session.ledger.load_arrays(arrays)
+            session.backend.write_kv(arrays.pop("kv"))
+        except (KeyError, TypeError, ValueError, AssertionError) as e:
+            raise SessionFileError(f"{path}: damaged session file ({type(e).__name__}: {e})") from None
+        session._valid = session.ledger.n
         session.turn, session.history, session._pending = meta["turn"], meta["history"], meta["pending"]
+        session._opened = meta["opened"]
         session.sampler.set_state(meta["sampler_state"])
         session.stats = [TurnStats(**s) for s in meta["stats"]]
         return session

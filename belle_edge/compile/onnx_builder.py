@@ -1,0 +1,87 @@
+"""A small ONNX graph builder: named nodes, deduplicated constants, and ``Sym`` values whose Python
+operators emit ONNX nodes — so :func:`belle_edge.mask.visible` itself, traced with ``Sym`` arguments,
+writes the mask subgraph of the attention function (the mask keeps exactly one definition).
+
+Node naming follows ``/model/layers.{i}/attn/q_proj/MatMul``; a node's first output is ``{node}/output_0``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class GraphBuilder:
+    """Collects nodes and initializers. ``as_function=True`` makes constants ``Constant`` nodes (a
+    FunctionProto has no initializers)."""
+
+    def __init__(self, *, as_function: bool = False):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.as_function = as_function
+        self._consts: dict = {}
+        self._names: set[str] = set()
+
+    def _unique(self, name: str) -> str:
+        base, i = name, 1
+        while name in self._names:
+            name = f"{base}_{i}"
+            i += 1
+        self._names.add(name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, *, outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        name = self._unique(name)
+        outs = outputs if isinstance(outputs, list) else [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def initializer(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            name = self._unique(f"/const/{array.dtype.name}_{len(self._consts)}")
+            if self.as_function:
+                self.nodes.append(helper.make_node("Constant", [], [name], name=name + "/Constant",
+                                                   value=numpy_helper.from_array(array)))
+            else:
+                self.initializers.append(numpy_helper.from_array(array, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+
+class Sym:
+    """A tensor in a graph under construction; comparison, arithmetic and boolean operators add nodes.
+    Python numbers on either side become int64 constants."""
+
+    def __init__(self, builder: GraphBuilder, name: str, scope: str = "/sym"):
+        self.b, self.name, self.scope = builder, name, scope
+
+    def _other(self, other) -> str:
+        return other.name if isinstance(other, Sym) else self.b.const(other)
+
+    def _bin(self, op_type, other, *, swap=False) -> "Sym":
+        a, c = self.name, self._other(other)
+        if swap:
+            a, c = c, a
+        return Sym(self.b, self.b.op(op_type, [a, c], f"{self.scope}/{op_type}"), self.scope)
+
+    __le__ = lambda self, o: self._bin("LessOrEqual", o)  # noqa: E731
+    __lt__ = lambda self, o: self._bin("Less", o)  # noqa: E731
+    __ge__ = lambda self, o: self._bin("GreaterOrEqual", o)  # noqa: E731
+    __gt__ = lambda self, o: self._bin("Greater", o)  # noqa: E731
+    __eq__ = lambda self, o: self._bin("Equal", o)  # noqa: E731
+    __sub__ = lambda self, o: self._bin("Sub", o)  # noqa: E731
+    __rsub__ = lambda self, o: self._bin("Sub", o, swap=True)  # noqa: E731
+    __add__ = lambda self, o: self._bin("Add", o)  # noqa: E731
+    __or__ = lambda self, o: self._bin("Or", o)  # noqa: E731
+    __and__ = lambda self, o: self._bin("And", o)  # noqa: E731
+    __hash__ = object.__hash__

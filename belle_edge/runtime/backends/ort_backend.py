@@ -1,0 +1,117 @@
+"""ONNX Runtime backend: runs an artifact's ``model.onnx`` (see ``compile/export_onnx.py`` for the
+contract). Imports no torch.
+
+The KV cache lives in two pre-allocated flat buffers per session, bound with IOBinding: each call reads
+``past`` straight from one buffer and ONNX Runtime writes ``present`` (past + new) straight into the other,
+then they swap. The runtime never copies the cache itself; the graph's own ``Concat`` is the only pass
+over it, and it writes into our buffer rather than a fresh allocation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import MissingDependencyError
+from ...mask import MaskConfig
+
+WINDOW_OFF = 2**62  # keep in step with compile/export_onnx.py
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("the ONNX Runtime backend needs onnxruntime: pip install 'belle_edge[onnx]'") \
+            from None
+    return onnxruntime
+
+
+def make_session(onnx_path: str, *, threads: int | None = None):
+    """One InferenceSession per model, shared by all chat sessions (it holds the weights)."""
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, session, *, num_layers: int, num_kv_heads: int, head_dim: int, vocab_size: int,
+                 kv_dtype: str, capacity: int):
+        self.session = session
+        self.capacity = capacity
+        self.vocab_size = vocab_size
+        self.layers, self.kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype = np.dtype(kv_dtype)
+        size = num_kv_heads * capacity * head_dim
+        # (layer, key/value, kv_heads * tokens * head_dim): a (1, kv_heads, n, head_dim) prefix is contiguous
+        self._buffers = [np.zeros((num_layers, 2, size), dtype=self.dtype) for _ in range(2)]
+        self._cur = 0
+        self.n = 0  # tokens in the current buffer
+        self._logits = np.zeros((1, 1, vocab_size), dtype=np.float32)
+
+    def _view(self, which: int, layer: int, kind: int, n: int) -> np.ndarray:
+        flat = self._buffers[which][layer, kind, :self.kv_heads * n * self.head_dim]
+        return flat.reshape(1, self.kv_heads, n, self.head_dim)
+
+    def _truncate(self, n: int) -> None:
+        """The ledger rolled back to ``n`` tokens: repack the first n per head (the layout depends on n)."""
+        if n == self.n:
+            return
+        other = 1 - self._cur
+        for layer in range(self.layers):
+            for kind in (0, 1):
+                self._view(other, layer, kind, n)[...] = self._view(self._cur, layer, kind, self.n)[:, :, :n]
+        self._cur, self.n = other, n
+
+    def forward(self, token_ids, positions, turns, *, start, key_positions, key_turns, mask: MaskConfig):
+        self._truncate(start)
+        t = len(token_ids)
+        total = start + t
+        io = self.session.io_binding()
+        as_row = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.int64)[None])  # noqa: E731
+        io.bind_cpu_input("input_ids", as_row(token_ids))
+        io.bind_cpu_input("position_ids", as_row(positions))
+        io.bind_cpu_input("turn_ids", as_row(turns))
+        io.bind_cpu_input("past_position_ids", as_row(key_positions[:start]))
+        io.bind_cpu_input("past_turn_ids", as_row(key_turns[:start]))
+        io.bind_cpu_input("mask_window", np.array(WINDOW_OFF if mask.window is None else mask.window, dtype=np.int64))
+        io.bind_cpu_input("mask_sinks", np.array(mask.sinks, dtype=np.int64))
+        io.bind_cpu_input("num_logits_to_keep", np.array(1, dtype=np.int64))
+        cur, nxt = self._cur, 1 - self._cur
+        for layer in range(self.layers):
+            for kind, name in ((0, "key"), (1, "value")):
+                past = self._view(cur, layer, kind, start)
+                present = self._view(nxt, layer, kind, total)
+                io.bind_input(f"past_key_values.{layer}.{name}", "cpu", 0, self.dtype, list(past.shape),
+                              past.ctypes.data)
+                io.bind_output(f"present.{layer}.{name}", "cpu", 0, self.dtype, list(present.shape),
+                               present.ctypes.data)
+        io.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
+        self.session.run_with_iobinding(io)
+        self._cur, self.n = nxt, total
+        return self._logits[0, -1].copy()
+
+    def keep(self, slots: np.ndarray) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        other = 1 - self._cur
+        for layer in range(self.layers):
+            for kind in (0, 1):
+                self._view(other, layer, kind, len(slots))[...] = self._view(self._cur, layer, kind, self.n)[:, :, slots]
+        self._cur, self.n = other, len(slots)
+
+    def read_kv(self, n: int) -> np.ndarray:
+        self._truncate(n)
+        return np.stack([np.stack([self._view(self._cur, layer, kind, n)[0] for kind in (0, 1)])
+                         for layer in range(self.layers)]).astype(np.float32)
+
+    def write_kv(self, kv: np.ndarray) -> None:
+        n = kv.shape[3]
+        for layer in range(self.layers):
+            for kind in (0, 1):
+                self._view(self._cur, layer, kind, n)[0] = kv[layer, kind]
+        self.n = n
