@@ -46,6 +46,7 @@ from onnx import TensorProto, helper
 from ..mask import visible
 from ..models.config import ModelConfig
 from .onnx_builder import DTYPES, NP_DTYPES, GraphBuilder, Sym
+from .quantize import BlockQuantized
 
 OPSET = 23
 DOMAIN = "belle"
@@ -59,13 +60,20 @@ ATTN_INPUTS = ["query", "key", "value", "past_key", "past_value", "q_positions",
 ATTN_OUTPUTS = ["output", "present_key", "present_value"]
 
 
-def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str = "float32") -> dict:
-    """Write ``model.onnx`` (+ ``model.onnx.data``) into ``out_dir``; returns the manifest record."""
+def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str = "float32",
+                quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4) -> dict:
+    """Write ``model.onnx`` (+ ``model.onnx.data``) into ``out_dir``; returns the manifest record.
+
+    ``quantized`` (from the quantize pass) turns those weights' MatMuls into ``com.microsoft::MatMulNBits``
+    (``accuracy_level`` 4: int8 activations inside, the fast CPU path) and a quantized tied embedding into
+    ``GatherBlockQuantized`` over the same codes, so it is still stored once.
+    """
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}")
-    weights = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items()}
-    model = build_model(cfg, weights, dtype=dtype)
+    quantized = quantized or {}
+    weights = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items() if k not in quantized}
+    model = build_model(cfg, weights, dtype=dtype, quantized=quantized, accuracy_level=accuracy_level)
     onnx.checker.check_model(model)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ONNX_FILE)
@@ -74,17 +82,26 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
     onnx.checker.check_model(path, full_check=True)  # shape inference over the saved file
     return {
         "onnx": ONNX_FILE, "data": DATA_FILE, "opset": OPSET, "dtype": dtype,
-        "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1",
+        "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1", "quantized_matmuls": len(quantized),
+        "accuracy_level": accuracy_level if quantized else None,
         "bytes": os.path.getsize(path) + os.path.getsize(os.path.join(out_dir, DATA_FILE)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
-def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str = "float32") -> onnx.ModelProto:
+def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str = "float32",
+                quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
     g = GraphBuilder()
     ft, npt = DTYPES[dtype], NP_DTYPES[dtype]
+    quantized = quantized or {}
+    if quantized and dtype != "float32":
+        raise ValueError("quantized weights are exported with float32 activations")
     W = lambda name: g.initializer(name, weights[name].astype(npt))  # noqa: E731
-    Wt = lambda name: g.initializer(name + ".T", weights[name].T.astype(npt))  # noqa: E731  [in, out] for MatMul
+
+    def Wt(name):  # a linear's weight as MatMul's B [in, out], or its quantized form
+        if name in quantized:
+            return _QuantizedWeight(g, name, quantized[name], accuracy_level)
+        return g.initializer(name + ".T", weights[name].T.astype(npt))
 
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, s) for n, s in (
         ("input_ids", ["batch", "seq"]), ("position_ids", ["batch", "seq"]), ("turn_ids", ["batch", "seq"]),
@@ -101,7 +118,12 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
     k_pos = g.op("Concat", ["past_position_ids", "position_ids"], "/model/mask/key_positions/Concat", axis=1)
     k_turn = g.op("Concat", ["past_turn_ids", "turn_ids"], "/model/mask/key_turns/Concat", axis=1)
 
-    x = g.op("Gather", [W("embed.weight"), "input_ids"], "/model/embed/Gather")
+    head_q = quantized.get("embed.weight") if cfg.tie_embeddings else None
+    if head_q is not None and head_q.offsets is None:
+        x = _QuantizedWeight(g, "embed.weight", head_q, accuracy_level).gather("input_ids", "/model/embed")
+    else:
+        x = g.op("Gather", [g.initializer("embed.weight", _dense(weights, quantized, "embed.weight", npt)),
+                            "input_ids"], "/model/embed/Gather")
     if cfg.embed_norm:
         x = _norm(g, cfg, x, "embed_norm", W, "/model/embed_norm")
     rope = _rope_tables(g, cfg, npt) if cfg.positions == "rope" else None
@@ -137,7 +159,10 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
                        g.const([2**62]), g.const([1])], "/model/keep/Slice")
     x = _norm(g, cfg, x, "norm", W, "/model/norm")
     flat = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])], "/model/lm_head/flatten/Reshape")
-    if cfg.tie_embeddings:
+    head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
+    if head in quantized:
+        logits = _QuantizedWeight(g, head, quantized[head], accuracy_level).matmul(flat, "/model/lm_head")
+    elif cfg.tie_embeddings:
         logits = g.op("Gemm", [flat, "embed.weight"], "/model/lm_head/Gemm", transB=1)  # tied: stored once
     else:
         logits = g.op("Gemm", [flat, W("lm_head.weight")], "/model/lm_head/Gemm", transB=1)
@@ -147,11 +172,59 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
     g.op("Cast", [logits], "/model/logits/Cast", outputs=["logits"], to=TensorProto.FLOAT)
 
     graph = helper.make_graph(g.nodes, "belle_edge", inputs, outputs, initializer=g.initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
+    if quantized:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    return helper.make_model(graph, opset_imports=opsets,
                              functions=[attention_function()], ir_version=10, producer_name="belle_edge")
 
 
 # ---------------------------------------------------------------------------------------------- pieces
+def _dense(weights, quantized, name, npt):
+    return (quantized[name].dequantize() if name in quantized else weights[name]).astype(npt)
+
+
+class _QuantizedWeight:
+    """A block-quantized weight's initializers (written once) and the nodes that use them."""
+
+    def __init__(self, g: GraphBuilder, name: str, q: BlockQuantized, accuracy_level: int):
+        self.g, self.name, self.q, self.accuracy_level = g, name, q, accuracy_level
+        key = "_quantized_" + name
+        if not hasattr(g, key):
+            setattr(g, key, (g.initializer(name + ".codes", q.packed_codes()),
+                             g.initializer(name + ".scales", q.scales.reshape(-1)),
+                             g.initializer(name + ".zero_points", q.packed_zero_points().reshape(-1)),
+                             None if q.offsets is None else g.initializer(name + ".offsets.T", q.offsets.T.copy())))
+        self.codes, self.scales, self.zero_points, self.offsets_t = getattr(g, key)
+
+    def matmul(self, x: str, scope: str) -> str:
+        """x (..., K) @ Wᵀ -> (..., N); with offsets, + blocksum(x) @ offsetᵀ (see quantize.py)."""
+        n, k = self.q.shape
+        g = self.g
+        y = g.op("MatMulNBits", [x, self.codes, self.scales, self.zero_points], scope + "/MatMulNBits",
+                 domain="com.microsoft", K=k, N=n, bits=self.q.bits, block_size=self.q.block_size,
+                 accuracy_level=self.accuracy_level)
+        if self.offsets_t is None:
+            return y
+        lead = g.op("Shape", [x], scope + "/offsets/Shape", start=0, end=-1)
+        shape = g.op("Concat", [lead, g.const([k // self.q.block_size, self.q.block_size])],
+                     scope + "/offsets/shape/Concat", axis=0)
+        blocks = g.op("Reshape", [x, shape], scope + "/offsets/Reshape")  # (..., K/block, block)
+        sums = g.op("ReduceSum", [blocks, g.const([-1])], scope + "/offsets/ReduceSum", keepdims=0)
+        return g.op("Add", [y, g.op("MatMul", [sums, self.offsets_t], scope + "/offsets/MatMul")], scope + "/Add")
+
+    def gather(self, ids: str, scope: str) -> str:
+        """Embedding rows straight from the LM head's codes (tied weights stay stored once)."""
+        n, k = self.q.shape
+        g = self.g
+        data = g.op("Reshape", [self.codes, g.const([n, k * self.q.bits // 8])], scope + "/codes/Reshape")
+        scales = g.op("Reshape", [self.scales, g.const([n, -1])], scope + "/scales/Reshape")
+        zps = g.op("Reshape", [self.zero_points, g.const([n, -1])], scope + "/zero_points/Reshape")
+        return g.op("GatherBlockQuantized", [data, ids, scales, zps], scope + "/GatherBlockQuantized",
+                    domain="com.microsoft", bits=self.q.bits, block_size=self.q.block_size, gather_axis=0,
+                    quantize_axis=1)
+
+
 def _norm(g, cfg, x, name, W, scope):
     if cfg.norm == "rms":
         return g.op("RMSNormalization", [x, W(name + ".weight")], scope + "/RMSNormalization",
@@ -161,7 +234,8 @@ def _norm(g, cfg, x, name, W, scope):
 
 
 def _linear(g, x, name, Wt, W, bias, scope, weights):
-    y = g.op("MatMul", [x, Wt(name + ".weight")], scope + "/MatMul")
+    w = Wt(name + ".weight")
+    y = w.matmul(x, scope) if isinstance(w, _QuantizedWeight) else g.op("MatMul", [x, w], scope + "/MatMul")
     if bias and name + ".bias" in weights:
         y = g.op("Add", [y, W(name + ".bias")], scope + "/Add")
     return y

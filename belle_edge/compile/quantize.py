@@ -1,0 +1,207 @@
+"""The quantize pass: block-wise weight-only quantization of the linear layers (and the LM head).
+
+Each weight W (N, K) is cut into blocks of ``block_size`` along K and stored as unsigned codes with a
+float scale and an integer zero point per block — the layout of ONNX Runtime's ``MatMulNBits``::
+
+    W[n, k] = scale[n, b] * (code[n, k] - zero_point[n, b]) + offset[n, b]      b = k // block_size
+
+``offset`` is our addition and is optional. Integer zero points are what makes ``MatMulNBits`` fast
+(float zero points are supported but ~25x slower here), yet rounding the zero point moves a whole block by
+up to half a step. The offset puts that back exactly; the export adds it as ``blocksum(x) @ offsetᵀ``,
+a (K/block_size)-row matmul (1/32 of the layer at block 32). With it, RTN becomes "min + scale * code"
+(the Q4_1 form), and GGUF Q4_1 blocks are carried over bit-exactly.
+
+Sources:
+
+* ``gguf``: when the checkpoint is a GGUF file whose tensors are Q4_0 / Q4_1 / Q8_0 (block 32), their codes,
+  scales and minimums are carried over as they are — no second rounding. Checked against the loaded
+  weights; a tensor that does not match exactly is re-quantized instead, and the record says which.
+* ``rtn``: round-to-nearest with the block's min and max, for everything else.
+
+Precisions: ``int8`` (8-bit everywhere) and ``int4`` (4-bit linears, 8-bit LM head/embedding: the head
+decides every token and is where 4-bit hurts most; llama.cpp's Q4 files keep it at Q8_0 too).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..models.config import ModelConfig
+
+PRECISION_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class BlockQuantized:
+    bits: int
+    block_size: int
+    codes: np.ndarray  # uint8 (N, K), values 0 .. 2^bits - 1
+    scales: np.ndarray  # float32 (N, K / block_size)
+    zero_points: np.ndarray  # uint8 (N, K / block_size)
+    offsets: np.ndarray | None  # float32 (N, K / block_size), or None when all zero
+    source: str  # "rtn" | "gguf:Q4_1" | ...
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    def dequantize(self) -> np.ndarray:
+        n, k = self.codes.shape
+        blocks = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
+        w = self.scales[..., None] * (blocks - self.zero_points[..., None].astype(np.float32))
+        if self.offsets is not None:
+            w = w + self.offsets[..., None]
+        return w.reshape(n, k)
+
+    # ONNX Runtime layouts ------------------------------------------------------------------------------
+    def packed_codes(self) -> np.ndarray:
+        """(N, K/block, block*bits/8) uint8; two 4-bit codes per byte, the even element in the low nibble."""
+        n, k = self.codes.shape
+        blocks = self.codes.reshape(n, k // self.block_size, self.block_size)
+        if self.bits == 8:
+            return blocks
+        return (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+
+    def packed_zero_points(self) -> np.ndarray:
+        """(N, ceil(K/block * bits / 8)) uint8."""
+        if self.bits == 8:
+            return self.zero_points
+        zp = self.zero_points
+        if zp.shape[1] % 2:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
+        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+
+
+def linear_names(cfg: ModelConfig) -> list[str]:
+    names = []
+    for i in range(cfg.num_layers):
+        names += [f"layers.{i}.attn.{p}_proj.weight" for p in ("q", "k", "v", "o")]
+        names += [f"layers.{i}.mlp.{p}_proj.weight" for p in (("gate", "up", "down") if cfg.mlp == "swiglu"
+                                                               else ("up", "down"))]
+    return names
+
+
+def head_name(cfg: ModelConfig) -> str:
+    return "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
+
+
+def quantize_weights(cfg: ModelConfig, state_dict: dict, precision: str, *, block_size: int = 32,
+                     offsets: bool = True, gguf_blocks: dict[str, BlockQuantized] | None = None
+                     ) -> tuple[dict[str, BlockQuantized], dict]:
+    """Quantize every linear weight (+ the LM head); returns the weights and the manifest record."""
+    t0 = time.perf_counter()
+    bits = PRECISION_BITS[precision]
+    plan = {name: bits for name in linear_names(cfg)}
+    plan[head_name(cfg)] = 8
+    out, sources = {}, {}
+    gguf_blocks = gguf_blocks or {}
+    for name, b in plan.items():
+        w = state_dict[name].detach().float().cpu().numpy()
+        carried = gguf_blocks.get(name)
+        if carried is not None and carried.bits == b and carried.block_size == block_size \
+                and np.allclose(carried.dequantize(), w, rtol=0, atol=1e-6 * max(1.0, float(np.abs(w).max()))):
+            q = carried
+        else:
+            q = quantize_rtn(w, b, block_size, offsets=offsets)
+        out[name] = q
+        sources[q.source] = sources.get(q.source, 0) + 1
+    params = sum(q.codes.size for q in out.values())
+    nbytes = sum(q.packed_codes().nbytes + q.scales.nbytes + q.packed_zero_points().nbytes
+                 + (q.offsets.nbytes if q.offsets is not None else 0) for q in out.values())
+    record = {"precision": precision, "bits": bits, "head_bits": 8, "block_size": block_size, "offsets": offsets,
+              "tensors": len(out), "sources": sources, "quantized_params": int(params),
+              "quantized_bytes": int(nbytes), "seconds": round(time.perf_counter() - t0, 2)}
+    return out, record
+
+
+def quantize_rtn(w: np.ndarray, bits: int, block_size: int, *, offsets: bool = True) -> BlockQuantized:
+    n, k = w.shape
+    if k % block_size:
+        raise ValueError(f"K={k} is not a multiple of the block size {block_size}")
+    qmax = (1 << bits) - 1
+    blocks = w.reshape(n, k // block_size, block_size).astype(np.float32)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    scale = (hi - lo) / qmax
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # a constant block: any scale, all codes 0
+    zp = np.clip(np.round(-lo / scale), 0, qmax)
+    if offsets:
+        codes = np.clip(np.round((blocks - lo[..., None]) / scale[..., None]), 0, qmax)
+        off = (lo + scale * zp).astype(np.float32)  # exact: scale*(code - zp) + off = lo + scale*code
+    else:
+        codes = np.clip(np.round(blocks / scale[..., None]) + zp[..., None], 0, qmax)
+        off = None
+    return BlockQuantized(bits, block_size, codes.reshape(n, k).astype(np.uint8), scale,
+                          zp.astype(np.uint8), off, "rtn")
+
+
+# ------------------------------------------------------------------------------------------- GGUF blocks
+_GGUF_LLAMA_NAMES = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
+                     "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                     "ffn_down": "mlp.down_proj"}
+
+
+def gguf_blocks(path: str, cfg: ModelConfig) -> dict[str, BlockQuantized]:
+    """The GGUF file's own Q4_0/Q4_1/Q8_0 blocks under canonical names (LLaMA layout), rows in the order
+    transformers' loader gives them (it un-permutes Q and K for RoPE)."""
+    from gguf import GGUFReader
+
+    if cfg.family != "llama":
+        return {}
+    out = {}
+    for t in GGUFReader(path).tensors:
+        name = _canonical_gguf_name(t.name, cfg)
+        if name is None or t.tensor_type.name not in ("Q4_0", "Q4_1", "Q8_0"):
+            continue
+        q = _decode_blocks(np.asarray(t.data), t.tensor_type.name)
+        if name.endswith("q_proj.weight"):
+            q = _permute_rows(q, _unpermute_order(q.shape[0], cfg.num_heads))
+        elif name.endswith("k_proj.weight"):
+            q = _permute_rows(q, _unpermute_order(q.shape[0], cfg.num_kv_heads))
+        out[name] = q
+    return out
+
+
+def _canonical_gguf_name(name: str, cfg: ModelConfig) -> str | None:
+    if name == "token_embd.weight":
+        return "embed.weight" if cfg.tie_embeddings else None
+    if name == "output.weight":
+        return "lm_head.weight"
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LLAMA_NAMES and parts[3] == "weight":
+        return f"layers.{parts[1]}.{_GGUF_LLAMA_NAMES[parts[2]]}.weight"
+    return None
+
+
+def _decode_blocks(data: np.ndarray, qtype: str) -> BlockQuantized:
+    rows = data.shape[0]
+    if qtype == "Q8_0":  # {fp16 d; int8 q[32]}: w = d*q
+        blk = data.reshape(rows, -1, 34)
+        d = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = blk[..., 2:].copy().view(np.int8).astype(np.int16) + 128
+        return BlockQuantized(8, 32, q.reshape(rows, -1).astype(np.uint8), d, np.full(d.shape, 128, np.uint8),
+                              None, "gguf:Q8_0")
+    size = 18 if qtype == "Q4_0" else 20
+    blk = data.reshape(rows, -1, size)
+    d = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blk[..., size - 16:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j in the low nibble, j+16 in the high
+    if qtype == "Q4_0":  # {fp16 d; q[16]}: w = d*(q-8)
+        return BlockQuantized(4, 32, q.reshape(rows, -1).astype(np.uint8), d, np.full(d.shape, 8, np.uint8),
+                              None, "gguf:Q4_0")
+    m = blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)  # {fp16 d; fp16 m; q[16]}: w = d*q + m
+    safe = np.where(d != 0, d, 1.0)
+    zp = np.clip(np.round(-m / safe), 0, 15)
+    return BlockQuantized(4, 32, q.reshape(rows, -1).astype(np.uint8), d, zp.astype(np.uint8),
+                          (m + d * zp).astype(np.float32), "gguf:Q4_1")
+
+
+def _unpermute_order(rows: int, heads: int) -> np.ndarray:
+    # llama.cpp interleaves each head's two RoPE halves; transformers undoes it (rows only)
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
+
+
+def _permute_rows(q: BlockQuantized, order: np.ndarray) -> BlockQuantized:
+    return BlockQuantized(q.bits, q.block_size, q.codes[order], q.scales[order], q.zero_points[order],
+                          None if q.offsets is None else q.offsets[order], q.source)
