@@ -20,6 +20,15 @@ TORCH = [
     "gguf==0.19.0",  # transformers reads GGUF checkpoints through it
     "accelerate==1.15.0",  # transformers needs it to load GGUF
 ]
+ONNX = [
+    "onnxruntime==1.31.1",  # the CPU runtime for artifacts (no torch needed)
+]
+COMPILE = TORCH + [
+    "onnx==1.23.2",
+    "onnxruntime==1.31.1",
+    "rich==15.0.0",  # tables for `belle-edge inspect`
+    "tqdm>=4.66,<5",  # progress of long stages
+]
 TEST = ["pytest==9.2.0"]
 
 setup(
@@ -30,6 +39,6 @@ setup(
     packages=find_packages(include=["belle_edge", "belle_edge.*"]),
     package_data={"belle_edge": ["data/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"torch": TORCH, "test": TORCH + TEST},
+    extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "test": COMPILE + TEST},
     entry_points={"console_scripts": ["belle-edge=belle_edge.cli:main"]},
 )

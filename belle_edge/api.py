@@ -4,15 +4,25 @@ from __future__ import annotations
 from .errors import InputError, MissingDependencyError
 from .runtime.model import ChatModel
 
-BACKENDS = ("torch",)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load(model: str | None = None, *, backend: str = "torch", device: str = "cpu", dtype: str = "float32",
-         chat_format: str = "auto", allow_pickle: bool = False, max_positions: int | None = None) -> ChatModel:
-    """Load a local checkpoint (HF directory or GGUF; the default model when ``model`` is None) for chat."""
-    if backend not in BACKENDS:
-        raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32", chat_format: str = "auto",
+         allow_pickle: bool = False, max_positions: int | None = None, threads: int | None = None) -> ChatModel:
+    """Open a model for chat.
+
+    * a compiled artifact folder (``belle-edge compile``): ONNX Runtime, no torch needed (``threads``);
+    * a local checkpoint (HF directory or GGUF; the default model when ``model`` is None): the torch
+      backend (``device``, ``dtype``, ``chat_format``, ``allow_pickle``, ``max_positions``).
+    """
+    import os
+
+    from .manifest import is_artifact
+
+    if model is not None and os.path.isdir(model) and is_artifact(model):
+        from .runtime.artifact import load_artifact
+
+        return load_artifact(model, threads=threads)
     if dtype not in DTYPES:
         raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     _require_torch()

@@ -54,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="with --script: print one JSON document")
     chat.add_argument("--restore", help="continue a session saved with /save")
 
+    chat.add_argument("--threads", type=int, help="CPU threads (artifacts on ONNX Runtime)")
+
+    comp = sub.add_parser("compile", help="compile a checkpoint into a deployable artifact")
+    comp.add_argument("model", nargs="?", help="HF checkpoint directory or GGUF file (default: the bundled SmolLM2)")
+    comp.add_argument("--out", required=True, help="artifact folder to write")
+    comp.add_argument("--target", default="cpu", help="device to compile for (default cpu)")
+    comp.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int4 (default fp32)")
+    comp.add_argument("--block-size", type=int, default=32, help="quantization block size (default 32)")
+    comp.add_argument("--force", action="store_true", help="replace an existing --out")
+    comp.add_argument("--chat-format", default="auto", help="auto | template | belle | belle-v2")
+    comp.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle weights")
+    comp.add_argument("--no-progress", action="store_true")
+
+    insp = sub.add_parser("inspect", help="print an artifact's manifest as a table")
+    insp.add_argument("artifact")
+    insp.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    insp.add_argument("--json", action="store_true", help="print the manifest itself")
+
     demo = sub.add_parser("demo", help="scripted Chinese/English dialogue with the default model, per-turn stats")
     _add_model_args(demo)
     _add_session_args(demo)
@@ -66,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "compile":
+            return _compile(args)
+        if args.command == "inspect":
+            return _inspect(args)
         if args.command == "demo":
-            args.script, args.restore = DEMO_SCRIPT, None
+            args.script, args.restore, args.threads = DEMO_SCRIPT, None, None
         return _chat(args)
     except BelleEdgeError as e:
         print(f"belle-edge: error: {e}", file=sys.stderr)
@@ -75,6 +97,67 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# ------------------------------------------------------------------------------------------- compile
+def _compile(args) -> int:
+    from .compile.pipeline import CompileConfig, compile_model
+
+    config = CompileConfig(out=args.out, model=args.model, target=args.target, precision=args.precision,
+                           force=args.force, chat_format=args.chat_format, allow_pickle=args.allow_pickle,
+                           block_size=args.block_size)
+    manifest = compile_model(config, progress=not args.no_progress)
+    print(f"wrote {args.out}")
+    _print_manifest(manifest)
+    return 0
+
+
+def _inspect(args) -> int:
+    from .manifest import read_manifest
+
+    manifest = read_manifest(args.artifact, verify_hashes=args.verify)
+    if args.json:
+        print(json.dumps(manifest, indent=1, ensure_ascii=False))
+    else:
+        _print_manifest(manifest)
+        if args.verify:
+            print("all file hashes match the manifest")
+    return 0
+
+
+def _print_manifest(m: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cfg = m["model"]
+    head = Table(show_header=False, box=None)
+    for key, value in (("source", f"{m['source']['name']} ({m['source']['kind']}: {m['source']['path']})"),
+                       ("model", f"{cfg['family']}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
+                                 f"heads {cfg['num_heads']}/{cfg['num_kv_heads']}, vocab {cfg['vocab_size']}"),
+                       ("target / precision", f"{m['target']} / {m['precision']}"),
+                       ("runtime", f"{m['runtime']['backend']}, KV {m['runtime']['kv_dtype']}, "
+                                   f"max positions {m['runtime']['max_positions']}"),
+                       ("chat format", m["chat_format"].get("kind") + (f" ({m['chat_format']['variant']})"
+                                                                      if "variant" in m["chat_format"] else "")),
+                       ("built", f"belle_edge {m['belle_edge']}, {m['created']}"),
+                       ("tools", ", ".join(f"{k} {v}" for k, v in m["tools"].items()))):
+        head.add_row(f"[bold]{key}[/bold]", str(value))
+    console.print(head)
+    stages = Table(title="stages")
+    for col in ("stage", "seconds", "peak RSS MB", "details"):
+        stages.add_column(col)
+    for st in m["stages"]:
+        details = {k: v for k, v in st.items() if k not in ("name", "seconds", "peak_rss_mb")}
+        stages.add_row(st["name"], f"{st['seconds']:.2f}", f"{st['peak_rss_mb']:.0f}",
+                       ", ".join(f"{k}={v}" for k, v in details.items()))
+    console.print(stages)
+    files = Table(title="files")
+    for col in ("file", "MB", "sha256"):
+        files.add_column(col)
+    for name, rec in m["files"].items():
+        files.add_row(name, f"{rec['bytes'] / 2**20:.1f}", rec["sha256"][:16])
+    console.print(files)
 
 
 # ------------------------------------------------------------------------------------------- chat
@@ -88,7 +171,7 @@ def _open_session(args):
     t0 = time.perf_counter()
     _info(f"loading {args.model or 'the default model'} ...")
     model = load(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
-                 allow_pickle=args.allow_pickle, max_positions=args.max_positions)
+                 allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads)
     _info(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s (backend {model.backend_name}, "
           f"format {model.chat_format.name})")
     if args.restore:

@@ -47,12 +47,14 @@ def file_record(path: str) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
-def write_manifest(folder: str, manifest: dict) -> None:
+def write_manifest(folder: str, manifest: dict) -> dict:
+    """Write ``manifest`` with the file list added; returns what was written."""
     manifest = dict(manifest)
     manifest["files"] = {name: file_record(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
                          if name != MANIFEST and os.path.isfile(os.path.join(folder, name))}
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, ensure_ascii=False)
+    return manifest
 
 
 def read_manifest(folder: str, *, verify_hashes: bool = False) -> dict:

@@ -22,6 +22,9 @@ from .errors import InputError
 
 #: A query position larger than any real one: "some query of this turn or a later one".
 FUTURE_POSITION = 2**62
+#: Where the window is a number (an ONNX graph input, a kernel argument), this one means "off": no dialogue
+#: has that many turns, so the rule reduces to plain causal attention.
+WINDOW_OFF = 2**62
 
 
 @dataclass(frozen=True)

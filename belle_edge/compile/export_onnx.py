@@ -25,7 +25,8 @@ present.{i}.value (output)     float   [B, kv_heads, S, head_dim]
 stock onnxruntime run it, and a TensorRT plugin with the same identity can replace it. Query heads are
 grouped per KV head (no repeated K/V). The mask inside the body is :func:`belle_edge.mask.visible` traced
 into ONNX. Tied embeddings are stored once (the LM head is a ``Gemm`` with ``transB`` on the embedding).
-Weights larger than 1 KiB go to ``model.onnx.data`` (external data).
+Weights larger than 1 KiB go to ``model.onnx.data`` (external data), written tensor by tensor while
+the graph is built.
 
 Per layer, LLaMA (BLOOM: LayerNormalization, GELU MLP, ALiBi slopes instead of RoPE)::
 
@@ -43,15 +44,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..mask import visible
+from ..mask import WINDOW_OFF, visible  # noqa: F401  (WINDOW_OFF: the mask_window input's 'off')
 from ..models.config import ModelConfig
-from .onnx_builder import DTYPES, NP_DTYPES, GraphBuilder, Sym
+from .onnx_builder import DTYPES, NP_DTYPES, ExternalData, GraphBuilder, Sym
 from .quantize import BlockQuantized
 
 OPSET = 23
 DOMAIN = "belle"
 ATTENTION_OP = "DynamicMaskAttention"
-WINDOW_OFF = 2**62  # a window no dialogue reaches: the mask becomes plain causal
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
@@ -73,13 +73,16 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
         raise ValueError(f"export dtype {dtype!r}")
     quantized = quantized or {}
     weights = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items() if k not in quantized}
-    model = build_model(cfg, weights, dtype=dtype, quantized=quantized, accuracy_level=accuracy_level)
-    onnx.checker.check_model(model)
     os.makedirs(out_dir, exist_ok=True)
+    external = ExternalData(out_dir, DATA_FILE)
+    try:
+        model = build_model(cfg, weights, dtype=dtype, quantized=quantized, accuracy_level=accuracy_level,
+                            external=external)
+    finally:
+        external.close()
     path = os.path.join(out_dir, ONNX_FILE)
-    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
-                    size_threshold=1024)
-    onnx.checker.check_model(path, full_check=True)  # shape inference over the saved file
+    onnx.save_model(model, path)  # the graph only: every large weight is already in model.onnx.data
+    onnx.checker.check_model(path, full_check=True)  # structure + shape inference, reading the saved file
     return {
         "onnx": ONNX_FILE, "data": DATA_FILE, "opset": OPSET, "dtype": dtype,
         "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1", "quantized_matmuls": len(quantized),
@@ -90,8 +93,9 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
 
 
 def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str = "float32",
-                quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
-    g = GraphBuilder()
+                quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4,
+                external: ExternalData | None = None) -> onnx.ModelProto:
+    g = GraphBuilder(external=external)
     ft, npt = DTYPES[dtype], NP_DTYPES[dtype]
     quantized = quantized or {}
     if quantized and dtype != "float32":
@@ -336,7 +340,8 @@ def attention_function() -> onnx.FunctionProto:
     neg_inf = g.op("CastLike", [g.const(-np.inf, np.float32), q], s + "/neg_inf/CastLike")
     scores = g.op("Where", [allowed, scores, neg_inf], s + "/mask/Where")
     probs = g.op("Softmax", [scores], s + "/Softmax", axis=-1)
-    probs = g.op("Reshape", [probs, grouped], s + "/probs/Reshape")  # (B, Hkv, G*T, S)
+    merged = g.op("Concat", [zero, zero, minus1, keys], s + "/merged_shape/Concat", axis=0)
+    probs = g.op("Reshape", [probs, merged], s + "/probs/Reshape")  # (B, Hkv, G*T, S)
     ctx = g.op("MatMul", [probs, "present_value"], s + "/context/MatMul")  # (B, Hkv, G*T, D)
     ctx_split = g.op("Concat", [zero, zero, minus1, steps, head_dim], s + "/ctx_shape/Concat", axis=0)
     ctx = g.op("Reshape", [ctx, ctx_split], s + "/context/Reshape")  # (B, Hkv, G, T, D)

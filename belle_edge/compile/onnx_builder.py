@@ -6,6 +6,8 @@ Node naming follows ``/model/layers.{i}/attn/q_proj/MatMul``; a node's first out
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -14,14 +16,43 @@ DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+class ExternalData:
+    """Writes initializers straight into the external data file as the graph is built, so a multi-GB model
+    never sits in memory as protobuf: peak memory stays near one tensor beyond the weights themselves."""
+
+    ALIGN = 64
+
+    def __init__(self, folder: str, location: str, *, threshold: int = 1024):
+        self.location, self.threshold = location, threshold
+        self._file = open(os.path.join(folder, location), "wb")
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < self.threshold:
+            return numpy_helper.from_array(array, name)
+        pad = (-self._file.tell()) % self.ALIGN
+        self._file.write(b"\0" * pad)
+        offset = self._file.tell()
+        self._file.write(array.tobytes())  # one tensor's copy at a time
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        for key, value in (("location", self.location), ("offset", offset), ("length", array.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        t.data_location = TensorProto.EXTERNAL
+        return t
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class GraphBuilder:
     """Collects nodes and initializers. ``as_function=True`` makes constants ``Constant`` nodes (a
-    FunctionProto has no initializers)."""
+    FunctionProto has no initializers); ``external`` streams large initializers to a data file."""
 
-    def __init__(self, *, as_function: bool = False):
+    def __init__(self, *, as_function: bool = False, external: ExternalData | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.as_function = as_function
+        self.external = external
         self._consts: dict = {}
         self._names: set[str] = set()
 
@@ -41,7 +72,10 @@ class GraphBuilder:
         return outs[0] if len(outs) == 1 else outs
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if self.external is not None:
+            self.initializers.append(self.external.tensor(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def const(self, value, dtype=np.int64) -> str:

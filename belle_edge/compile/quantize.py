@@ -18,7 +18,7 @@ Sources:
   weights; a tensor that does not match exactly is re-quantized instead, and the record says which.
 * ``rtn``: round-to-nearest with the block's min and max, for everything else.
 
-Precisions: ``int8`` (8-bit everywhere) and ``int4`` (4-bit linears, 8-bit LM head/embedding: the head
+Offsets are used for 4-bit RTN only. Precisions: ``int8`` (8-bit everywhere) and ``int4`` (4-bit linears, 8-bit LM head/embedding: the head
 decides every token and is where 4-bit hurts most; llama.cpp's Q4 files keep it at Q8_0 too).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from ..models.config import ModelConfig
 
 PRECISION_BITS = {"int8": 8, "int4": 4}
@@ -97,6 +98,13 @@ def quantize_weights(cfg: ModelConfig, state_dict: dict, precision: str, *, bloc
     plan[head_name(cfg)] = 8
     out, sources = {}, {}
     gguf_blocks = gguf_blocks or {}
+    for name in plan:
+        k = state_dict[name].shape[1]
+        if k % block_size:
+            raise InputError(f"block size {block_size} does not divide the input width {k} of {name}; "
+                             f"choose one that does (e.g. {next(b for b in (128, 64, 32, 16) if k % b == 0)})"
+                             if any(k % b == 0 for b in (128, 64, 32, 16)) else
+                             f"{name}: input width {k} is not a multiple of 16; it cannot be block-quantized")
     for name, b in plan.items():
         w = state_dict[name].detach().float().cpu().numpy()
         carried = gguf_blocks.get(name)
@@ -104,7 +112,9 @@ def quantize_weights(cfg: ModelConfig, state_dict: dict, precision: str, *, bloc
                 and np.allclose(carried.dequantize(), w, rtol=0, atol=1e-6 * max(1.0, float(np.abs(w).max()))):
             q = carried
         else:
-            q = quantize_rtn(w, b, block_size, offsets=offsets)
+            # 8-bit steps are fine enough that a rounded zero point costs little, and without offsets the
+            # quantized head can also serve the embedding (GatherBlockQuantized has no offsets)
+            q = quantize_rtn(w, b, block_size, offsets=offsets and b == 4)
         out[name] = q
         sources[q.source] = sources.get(q.source, 0) + 1
     params = sum(q.codes.size for q in out.values())

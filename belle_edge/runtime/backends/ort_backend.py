@@ -11,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import MissingDependencyError
-from ...mask import MaskConfig
-
-WINDOW_OFF = 2**62  # keep in step with compile/export_onnx.py
+from ...mask import WINDOW_OFF, MaskConfig
 
 
 def import_onnxruntime():

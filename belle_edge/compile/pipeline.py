@@ -1,0 +1,197 @@
+"""``compile()``: the row of passes from a checkpoint to an artifact, each recorded in the manifest.
+
+    load ─▶ quantize (int8/int4) ─▶ export (ONNX) ─▶ fidelity (quantized: vs fp32) ─▶ package
+
+The artifact is built in a hidden sibling folder and renamed into place at the end, so a failed or
+interrupted compile never leaves a folder that looks complete; an existing output is replaced only with
+``force`` and only once the new one is whole.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+from .. import __version__
+from ..errors import InputError
+from ..manifest import FORMAT, VERSION, write_manifest
+
+TARGET_PRECISIONS = {"cpu": ("fp32", "fp16", "int8", "int4")}
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    out: str
+    model: str | None = None  # None: the default model
+    target: str = "cpu"
+    precision: str = "fp32"
+    force: bool = False
+    chat_format: str = "auto"
+    allow_pickle: bool = False
+    block_size: int = 32
+    fidelity_tokens: int = 512  # held-out tokens for the quantized-vs-fp32 check
+
+    def __post_init__(self):
+        if self.target not in TARGET_PRECISIONS:
+            raise InputError(f"target {self.target!r}: not supported by this version; supported: "
+                             f"{', '.join(TARGET_PRECISIONS)}")
+        allowed = TARGET_PRECISIONS[self.target]
+        if self.precision not in allowed:
+            raise InputError(f"precision {self.precision!r} is not available on target {self.target}; "
+                             f"it supports {', '.join(allowed)}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise InputError(f"block size {self.block_size}: expected 16, 32, 64, 128 or 256")
+
+
+def compile_model(config: CompileConfig, *, progress: bool = True) -> dict:
+    out = os.path.abspath(config.out)
+    if os.path.exists(out) and not config.force:
+        raise InputError(f"{config.out}: already exists; pass --force to replace it")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-")
+    try:
+        manifest = _run_stages(config, work, progress=progress)
+        _move_into_place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _move_into_place(work: str, out: str) -> None:
+    old = None
+    if os.path.exists(out):
+        old = f"{out}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(work, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
+    from .export_onnx import export_onnx
+    from .fidelity import measure_fidelity
+    from .load import load_checkpoint
+    from .quantize import gguf_blocks, quantize_weights
+
+    stages = []
+    steps = ["load"] + (["quantize"] if config.precision in ("int8", "int4") else []) + ["export"] + \
+        (["fidelity"] if config.precision != "fp32" else []) + ["package"]
+    bar = _progress(len(steps), enabled=progress)
+
+    with _stage("load", stages, bar) as rec:
+        ckpt = load_checkpoint(config.model, allow_pickle=config.allow_pickle, chat_format=config.chat_format)
+        rec.update(source=ckpt.source, kind=ckpt.kind, family=ckpt.config.family,
+                   parameters=int(sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith("slopes"))))
+    quantized = None
+    if "quantize" in steps:
+        with _stage("quantize", stages, bar) as rec:
+            blocks = gguf_blocks(ckpt.source, ckpt.config) if ckpt.kind == "gguf" else None
+            quantized, record = quantize_weights(ckpt.config, ckpt.state_dict, config.precision,
+                                                 block_size=config.block_size, gguf_blocks=blocks)
+            rec.update(record)
+    with _stage("export", stages, bar) as rec:
+        dtype = "float16" if config.precision == "fp16" else "float32"
+        rec.update(export_onnx(ckpt.config, ckpt.state_dict, work, dtype=dtype, quantized=quantized))
+    if "fidelity" in steps:
+        with _stage("fidelity", stages, bar) as rec:
+            rec.update(measure_fidelity(ckpt, os.path.join(work, "model.onnx"), tokens=config.fidelity_tokens))
+    with _stage("package", stages, bar) as rec:
+        ckpt.tokenizer.save(os.path.join(work, "tokenizer.json"))
+        manifest = {
+            "format": FORMAT, "version": VERSION, "belle_edge": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"path": ckpt.source, "kind": ckpt.kind, "fingerprint": ckpt.fingerprint,
+                       "name": _source_name(config.model, ckpt.source)},
+            "model": ckpt.config.to_dict(), "target": config.target, "precision": config.precision,
+            "settings": asdict(config),
+            "runtime": {"backend": "onnxruntime", "onnx": "model.onnx", "kv_dtype": dtype,
+                        "max_positions": ckpt.config.max_positions, "stop_token_ids": sorted(ckpt.stop_token_ids),
+                        "fingerprint": f"{ckpt.fingerprint}-{config.target}-{config.precision}"},
+            "chat_format": ckpt.chat_format.to_dict(),
+            "tools": _tool_versions(),
+        }
+    manifest["stages"] = stages  # the package stage's own record is complete now
+    manifest = write_manifest(work, manifest)  # last: a folder with a manifest is a whole artifact
+    bar.close()
+    return manifest
+
+
+def _source_name(model: str | None, source: str) -> str:
+    if model is None:
+        from ..default_model import NAME
+
+        return NAME
+    return os.path.basename(source.rstrip("/"))
+
+
+def _tool_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "tokenizers", "numpy", "gguf"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+# ------------------------------------------------------------------------------------------- stage records
+class _RssSampler:
+    """Peak resident memory of this process while a stage runs (sampled every 20 ms from /proc)."""
+
+    def __init__(self):
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def _stage(name: str, stages: list, bar):
+    record = {"name": name}
+    bar.set_description(f"compile: {name}")
+    t0 = time.perf_counter()
+    with _RssSampler() as rss:
+        yield record
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    record["peak_rss_mb"] = round(rss.peak / 2**20, 1)
+    stages.append(record)
+    bar.update(1)
+
+
+def _progress(total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="stage", leave=False)

@@ -1,0 +1,143 @@
+"""`compile` -> artifact -> chat on ONNX Runtime, without torch; manifest, refusals, atomicity."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from belle_edge import load
+from belle_edge.compile.pipeline import CompileConfig, compile_model
+from belle_edge.errors import InputError
+from belle_edge.manifest import ArtifactError, read_manifest
+
+CLI = [sys.executable, "-m", "belle_edge.cli"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_llama_dir):
+    out = str(tmp_path_factory.mktemp("artifacts") / "tiny-fp32")
+    compile_model(CompileConfig(out=out, model=tiny_llama_dir), progress=False)
+    return out
+
+
+def test_the_artifact_describes_itself(artifact):
+    m = read_manifest(artifact, verify_hashes=True)
+    assert [s["name"] for s in m["stages"]] == ["load", "export", "package"]
+    for stage in m["stages"]:
+        assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0
+    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert m["model"]["family"] == "llama" and m["target"] == "cpu" and m["precision"] == "fp32"
+    assert {"torch", "onnx", "onnxruntime", "transformers"} <= set(m["tools"])
+    assert m["chat_format"]["kind"] == "template" and m["runtime"]["stop_token_ids"]
+
+
+def test_an_artifact_chats_like_the_checkpoint(artifact, tiny_llama_dir):
+    compiled, source = load(artifact), load(tiny_llama_dir)
+    assert compiled.backend_name == "onnxruntime"
+    a, b = compiled.session(max_new_tokens=8), source.session(max_new_tokens=8)
+    for message in ["你好", "订单已经发货了吗？", "Thanks!"]:
+        assert a.send(message).text == b.send(message).text
+
+
+def test_an_artifact_chats_with_torch_unimportable(artifact):
+    script = textwrap.dedent('''
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "safetensors", "onnx"):
+                    raise ImportError(f"{name} is blocked in this test")
+
+        sys.meta_path.insert(0, Block())
+        import belle_edge
+        model = belle_edge.load(sys.argv[1])
+        session = model.session(max_new_tokens=6)
+        for message in ("你好", "Thanks!"):
+            session.send(message)
+        assert "torch" not in sys.modules
+        print("chatted", session.turn, "turns on", model.backend_name)
+    ''')
+    result = subprocess.run([sys.executable, "-c", script, artifact], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "chatted 2 turns on onnxruntime" in result.stdout
+
+
+def test_compile_refuses_an_existing_output_unless_forced(artifact, tiny_llama_dir):
+    with pytest.raises(InputError, match="already exists; pass --force"):
+        compile_model(CompileConfig(out=artifact, model=tiny_llama_dir), progress=False)
+    before = read_manifest(artifact)["created"]
+    compile_model(CompileConfig(out=artifact, model=tiny_llama_dir, force=True), progress=False)
+    assert read_manifest(artifact)["files"] and os.listdir(os.path.dirname(artifact)) == [os.path.basename(artifact)]
+    assert before <= read_manifest(artifact)["created"]
+
+
+def test_a_failed_compile_leaves_nothing_that_looks_complete(tmp_path, tiny_llama_dir, monkeypatch):
+    import belle_edge.compile.export_onnx as export_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C in the middle of the export
+
+    monkeypatch.setattr(export_module, "export_onnx", interrupted)
+    out = tmp_path / "art"
+    with pytest.raises(KeyboardInterrupt):
+        compile_model(CompileConfig(out=str(out), model=tiny_llama_dir), progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_compile_quantized_records_its_fidelity(tmp_path, tiny_llama_dir):
+    out = str(tmp_path / "int4")
+    m = compile_model(CompileConfig(out=out, model=tiny_llama_dir, precision="int4", fidelity_tokens=128),
+                      progress=False)
+    stages = {s["name"]: s for s in m["stages"]}
+    assert stages["quantize"]["sources"] == {"rtn": 2 * 7 + 1}
+    assert stages["export"]["quantized_matmuls"] == 15
+    fidelity = stages["fidelity"]
+    # a random tiny model has nearly flat logits, so near-ties decide top-1; KL is the sharper figure here
+    assert fidelity["tokens"] == 128 and 0 <= fidelity["kl_mean"] < 0.01 and fidelity["top1_agreement"] >= 0.8
+    assert load(out).session(max_new_tokens=4).send("你好").stats.new_tokens >= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--precision", "fp8"], "precision 'fp8' is not available on target cpu; it supports fp32, fp16, int8, int4"),
+    (["--target", "jetson-tx2"], "target 'jetson-tx2': not supported"),
+    (["--precision", "int4", "--block-size", "128"], "block size 128 does not divide the input width 64"),
+])
+def test_compile_refusals_are_one_line_errors(tmp_path, tiny_llama_dir, args, message):
+    out = tmp_path / "art"
+    result = subprocess.run([*CLI, "compile", tiny_llama_dir, "--out", str(out), "--no-progress", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_inspect_prints_the_manifest_and_verify_catches_damage(artifact, tmp_path):
+    import shutil
+
+    result = subprocess.run([*CLI, "inspect", artifact], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "stages" in result.stdout and "model.onnx.data" in result.stdout
+    damaged = tmp_path / "damaged"
+    shutil.copytree(artifact, damaged)
+    data = damaged / "tokenizer.json"
+    raw = bytearray(data.read_bytes())
+    raw[10] ^= 1
+    data.write_bytes(bytes(raw))
+    result = subprocess.run([*CLI, "inspect", str(damaged), "--verify"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "sha256 differs" in result.stderr
+    os.remove(damaged / "model.onnx.data")
+    with pytest.raises(ArtifactError, match="model.onnx.data is missing"):
+        load(str(damaged))
+
+
+@pytest.mark.slow
+def test_the_default_model_compiles_to_int4_with_its_gguf_blocks(tmp_path, default_checkpoint):
+    out = str(tmp_path / "smol-int4")
+    m = compile_model(CompileConfig(out=out, precision="int4", fidelity_tokens=256), progress=False)
+    stages = {s["name"]: s for s in m["stages"]}
+    assert stages["quantize"]["sources"] == {"gguf:Q4_1": 210, "gguf:Q8_0": 1}  # carried over, not re-rounded
+    assert stages["fidelity"]["top1_agreement"] >= 0.9
+    assert m["files"]["model.onnx.data"]["bytes"] < 125 * 2**20
+    reply = load(out).session(max_new_tokens=16).send("Give me three tips for writing clear emails.")
+    assert reply.text.strip()
+    print(json.dumps(stages["fidelity"]))
