@@ -29,6 +29,8 @@ COMPILE = TORCH + [
     "rich==15.0.0",  # tables for `belle-edge inspect`
     "tqdm>=4.66,<5",  # progress of long stages
 ]
+BENCH = ["matplotlib==3.11.2"]
+BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
 TEST = ["pytest==9.2.0"]
 
 setup(
@@ -36,9 +38,10 @@ setup(
     version="0.1.0",
     description="Compile BELLE-family chat LLMs for Jetson Orin, RTX 3090 and A100, and chat with them on device",
     python_requires=">=3.10",
-    packages=find_packages(include=["belle_edge", "belle_edge.*"]),
+    packages=find_packages(include=["belle_edge", "belle_edge.*", "benchmarks"]),
     package_data={"belle_edge": ["data/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "test": COMPILE + TEST},
+    extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "bench": COMPILE + BENCH,
+                    "bench-llamacpp": COMPILE + BENCH + BENCH_LLAMACPP, "test": COMPILE + BENCH + TEST},
     entry_points={"console_scripts": ["belle-edge=belle_edge.cli:main"]},
 )

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--verify", action="store_true", help="also check every file's sha256")
     insp.add_argument("--json", action="store_true", help="print the manifest itself")
 
+    from benchmarks.latency import build_parser as bench_parser  # the benchmark lives in benchmarks/
+
+    bench_parser(sub.add_parser("bench", help="latency against transformers and llama.cpp, same run"))
+
     demo = sub.add_parser("demo", help="scripted Chinese/English dialogue with the default model, per-turn stats")
     _add_model_args(demo)
     _add_session_args(demo)
@@ -88,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             return _compile(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "bench":
+            from benchmarks.latency import run as run_bench
+
+            return run_bench(args)
         if args.command == "demo":
             args.script, args.restore, args.threads = DEMO_SCRIPT, None, None
         return _chat(args)

@@ -141,3 +141,27 @@ def test_the_default_model_compiles_to_int4_with_its_gguf_blocks(tmp_path, defau
     reply = load(out).session(max_new_tokens=16).send("Give me three tips for writing clear emails.")
     assert reply.text.strip()
     print(json.dumps(stages["fidelity"]))
+
+
+def test_an_artifact_session_saves_and_restores_exactly(artifact, tmp_path):
+    from belle_edge.runtime.sampler import SamplingConfig
+
+    model = load(artifact)
+    s = model.session(window=1, sinks=2, max_new_tokens=6, sampling=SamplingConfig(temperature=0.8, seed=5))
+    for message in ("你好", "订单已经发货了吗？"):
+        s.send(message)
+    path = str(tmp_path / "s.npz")
+    s.save(path)
+    expected = s.send("Thanks!")
+    got = model.restore(path).send("Thanks!")
+    assert got.text == expected.text and got.stats.kv_tokens == expected.stats.kv_tokens
+
+
+def test_a_half_precision_artifact_chats(tmp_path, tiny_llama_dir):
+    out = str(tmp_path / "fp16")
+    m = compile_model(CompileConfig(out=out, model=tiny_llama_dir, precision="fp16", fidelity_tokens=64),
+                      progress=False)
+    assert m["runtime"]["kv_dtype"] == "float16"
+    assert {s["name"]: s for s in m["stages"]}["fidelity"]["kl_mean"] < 0.01
+    reply = load(out).session(max_new_tokens=5).send("你好")
+    assert reply.stats.new_tokens >= 1 and reply.stats.kv_tokens > 0

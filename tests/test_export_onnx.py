@@ -25,8 +25,10 @@ def exported(request, tmp_path_factory, tiny_tokenizer):
     ckpt = load_checkpoint(src)
     folders = {}
     for dtype in ("float32", "float16"):
-        folders[dtype] = str(tmp_path_factory.mktemp(f"onnx_{request.param}_{dtype}"))
-        export_onnx(ckpt.config, ckpt.state_dict, folders[dtype], dtype=dtype)
+        for flavor in ("portable", "ort"):
+            folder = str(tmp_path_factory.mktemp(f"onnx_{request.param}_{dtype}_{flavor}"))
+            export_onnx(ckpt.config, ckpt.state_dict, folder, dtype=dtype, flavor=flavor)
+            folders[dtype if flavor == "portable" else f"{dtype}-ort"] = folder
     return ckpt, folders
 
 
@@ -35,11 +37,15 @@ def test_graph_follows_the_contract(exported):
     cfg = ckpt.config
     path = os.path.join(folders["float32"], "model.onnx")
     model = onnx.load(path, load_external_data=False)
+    assert {o.domain for o in model.opset_import} == {"", DOMAIN}  # portable: standard ops + our node only
     assert os.path.getsize(path) < 200_000 and os.path.isfile(os.path.join(folders["float32"], "model.onnx.data"))
     attn = [n for n in model.graph.node if n.op_type == ATTENTION_OP]
     assert len(attn) == cfg.num_layers and all(n.domain == DOMAIN for n in attn)
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, ATTENTION_OP)]
-    assert not any(n.op_type in ("Expand", "Tile") for n in model.functions[0].node)  # K/V never repeated
+    body = model.functions[0].node
+    consumers = {n.op_type for n in body if set(n.input) & {"present_key", "present_value"}}
+    assert consumers == {"Transpose", "MatMul"}  # K/V are read in place, never repeated per query head
+    assert not any(n.op_type == "Expand" for n in body)
     names = [i.name for i in model.graph.initializer]
     assert names.count("embed.weight") == 1
     assert names.count("lm_head.weight") == (0 if cfg.tie_embeddings else 1)  # tied: stored once
@@ -52,7 +58,8 @@ def test_graph_follows_the_contract(exported):
     onnx.checker.check_model(path, full_check=True)
 
 
-@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 1e-2)])
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 1e-2), ("float32-ort", 1e-4),
+                                        ("float16-ort", 1e-2)])
 @pytest.mark.parametrize("chunk", [48, 16, 1])  # one prefill; prefill in pieces over a cache; token by token
 def test_onnxruntime_matches_torch_for_prefill_and_decode(exported, dtype, atol, chunk):
     ckpt, folders = exported

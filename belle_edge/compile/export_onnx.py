@@ -44,10 +44,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..errors import UnsupportedModelError
 from ..mask import WINDOW_OFF, visible  # noqa: F401  (WINDOW_OFF: the mask_window input's 'off')
 from ..models.config import ModelConfig
 from .onnx_builder import DTYPES, NP_DTYPES, ExternalData, GraphBuilder, Sym
-from .quantize import BlockQuantized
+
+DTYPES_BY_NP = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+from .quantize import BlockQuantized, concat_rows
 
 OPSET = 23
 DOMAIN = "belle"
@@ -55,19 +58,28 @@ ATTENTION_OP = "DynamicMaskAttention"
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
+FLAVORS = ("portable", "ort")
 ATTN_INPUTS = ["query", "key", "value", "past_key", "past_value", "q_positions", "q_turns", "k_positions",
                "k_turns", "window", "sinks", "alibi_slopes"]
 ATTN_OUTPUTS = ["output", "present_key", "present_value"]
 
 
 def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str = "float32",
-                quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4) -> dict:
+                quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4,
+                flavor: str = "portable") -> dict:
     """Write ``model.onnx`` (+ ``model.onnx.data``) into ``out_dir``; returns the manifest record.
 
     ``quantized`` (from the quantize pass) turns those weights' MatMuls into ``com.microsoft::MatMulNBits``
     (``accuracy_level`` 4: int8 activations inside, the fast CPU path) and a quantized tied embedding into
     ``GatherBlockQuantized`` over the same codes, so it is still stored once.
+
+    ``flavor``: ``portable`` uses standard ops only (what TensorRT parses); ``ort`` — for artifacts that run
+    on onnxruntime — also uses its fused contrib ops where they save nodes: residual add + norm
+    (``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization``) and ``RotaryEmbedding``. Decoding
+    one token runs every node once, so on a CPU the node count is a large part of the time.
     """
+    if flavor not in FLAVORS:
+        raise ValueError(f"export flavor {flavor!r}")
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}")
@@ -77,7 +89,7 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
     external = ExternalData(out_dir, DATA_FILE)
     try:
         model = build_model(cfg, weights, dtype=dtype, quantized=quantized, accuracy_level=accuracy_level,
-                            external=external)
+                            external=external, flavor=flavor)
     finally:
         external.close()
     path = os.path.join(out_dir, ONNX_FILE)
@@ -85,7 +97,7 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
     onnx.checker.check_model(path, full_check=True)  # structure + shape inference, reading the saved file
     return {
         "onnx": ONNX_FILE, "data": DATA_FILE, "opset": OPSET, "dtype": dtype,
-        "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1", "quantized_matmuls": len(quantized),
+        "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1", "flavor": flavor, "quantized_matmuls": len(quantized),
         "accuracy_level": accuracy_level if quantized else None,
         "bytes": os.path.getsize(path) + os.path.getsize(os.path.join(out_dir, DATA_FILE)),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -94,7 +106,7 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
 
 def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str = "float32",
                 quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4,
-                external: ExternalData | None = None) -> onnx.ModelProto:
+                external: ExternalData | None = None, flavor: str = "portable") -> onnx.ModelProto:
     g = GraphBuilder(external=external)
     ft, npt = DTYPES[dtype], NP_DTYPES[dtype]
     quantized = quantized or {}
@@ -102,10 +114,20 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
         raise ValueError("quantized weights are exported with float32 activations")
     W = lambda name: g.initializer(name, weights[name].astype(npt))  # noqa: E731
 
-    def Wt(name):  # a linear's weight as MatMul's B [in, out], or its quantized form
-        if name in quantized:
-            return _QuantizedWeight(g, name, quantized[name], accuracy_level)
-        return g.initializer(name + ".T", weights[name].T.astype(npt))
+    def linear(x, names: list[str], bias: bool, scope: str):
+        """x @ [W_a; W_b; ...]ᵀ (+ biases): sibling projections of one input fused into one MatMul."""
+        if all(n + ".weight" in quantized for n in names):
+            parts = [quantized[n + ".weight"] for n in names]
+            fused = parts[0] if len(parts) == 1 else concat_rows(parts)
+            y = _QuantizedWeight(g, _fused_name(names), fused, accuracy_level).matmul(x, scope)
+        else:
+            w = np.concatenate([_dense(weights, quantized, n + ".weight", np.float32) for n in names], axis=0)
+            y = g.op("MatMul", [x, g.initializer(_fused_name(names) + ".weight.T", w.T.astype(npt))],
+                     scope + "/MatMul")
+        if bias and all(n + ".bias" in weights for n in names):
+            b = np.concatenate([weights[n + ".bias"] for n in names])
+            y = g.op("Add", [y, g.initializer(_fused_name(names) + ".bias", b.astype(npt))], scope + "/Add")
+        return y
 
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, s) for n, s in (
         ("input_ids", ["batch", "seq"]), ("position_ids", ["batch", "seq"]), ("turn_ids", ["batch", "seq"]),
@@ -130,21 +152,18 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
                             "input_ids"], "/model/embed/Gather")
     if cfg.embed_norm:
         x = _norm(g, cfg, x, "embed_norm", W, "/model/embed_norm")
-    rope = _rope_tables(g, cfg, npt) if cfg.positions == "rope" else None
+    rope = _rope_tables(g, cfg, npt, flavor) if cfg.positions == "rope" else None
+    norm = _Norms(g, cfg, W, flavor)
 
+    attention = attention_function(cfg)
+    h = norm.first(x, "layers.0.attn_norm", "/model/layers.0/attn_norm")
     for i in range(cfg.num_layers):
         p, s = f"layers.{i}.", f"/model/layers.{i}"
-        h = _norm(g, cfg, x, p + "attn_norm", W, s + "/attn_norm")
-        q, k, v = (_linear(g, h, p + f"attn.{n}_proj", Wt, W, cfg.attention_bias, f"{s}/attn/{n}_proj", weights)
-                   for n in ("q", "k", "v"))
-        q = _heads(g, q, cfg.num_heads, cfg.head_dim, f"{s}/attn/q_heads")
-        k = _heads(g, k, cfg.num_kv_heads, cfg.head_dim, f"{s}/attn/k_heads")
-        v = _heads(g, v, cfg.num_kv_heads, cfg.head_dim, f"{s}/attn/v_heads")
-        if rope is not None:
-            q = _apply_rope(g, q, rope, f"{s}/attn/q_rope")
-            k = _apply_rope(g, k, rope, f"{s}/attn/k_rope")
+        qkv = linear(h, [p + "attn.q_proj", p + "attn.k_proj", p + "attn.v_proj"], cfg.attention_bias,
+                     f"{s}/attn/qkv_proj")
+        q, k, v = _split_heads(g, cfg, qkv, rope, f"{s}/attn")
         slopes = (weights[p + "attn.alibi_slopes"] if cfg.positions == "alibi"
-                  else np.zeros(cfg.num_heads, dtype=np.float32))  # LLaMA: no bias, same node signature
+                  else np.zeros(cfg.num_heads, dtype=np.float32))  # LLaMA: unused, same node signature
         attn, _, _ = g.op(ATTENTION_OP, [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                          "position_ids", "turn_ids", k_pos, k_turn, "mask_window", "mask_sinks",
                                          g.initializer(p + "attn.alibi_slopes", slopes.astype(npt))],
@@ -152,16 +171,26 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
                           outputs=[f"{s}/attn/output", f"present.{i}.key", f"present.{i}.value"],
                           num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                           scale=float(cfg.head_dim ** -0.5))
-        o = _linear(g, attn, p + "attn.o_proj", Wt, W, cfg.attention_bias, f"{s}/attn/o_proj", weights)
-        x = g.op("Add", [x, o], f"{s}/attn/residual/Add")
-        h = _norm(g, cfg, x, p + "mlp_norm", W, s + "/mlp_norm")
-        x = g.op("Add", [x, _mlp(g, cfg, h, p + "mlp.", Wt, W, f"{s}/mlp", weights)], f"{s}/mlp/residual/Add")
+        o = linear(attn, [p + "attn.o_proj"], cfg.attention_bias, f"{s}/attn/o_proj")
+        h, x = norm.add_then_norm(o, x, p + "mlp_norm", f"{s}/mlp_norm")  # x += o; h = norm(x)
+        if cfg.mlp == "swiglu":
+            gate, up = g.op("Split", [linear(h, [p + "mlp.gate_proj", p + "mlp.up_proj"], cfg.mlp_bias,
+                                             f"{s}/mlp/gate_up_proj"), g.const([cfg.intermediate_size] * 2)],
+                            f"{s}/mlp/Split", outputs=2, axis=-1)
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{s}/mlp/act/Sigmoid")], f"{s}/mlp/act/Mul")
+            inner = g.op("Mul", [act, up], f"{s}/mlp/Mul")
+        else:
+            inner = g.op("Gelu", [linear(h, [p + "mlp.up_proj"], cfg.mlp_bias, f"{s}/mlp/up_proj")],
+                         f"{s}/mlp/act/Gelu", approximate="tanh")
+        down = linear(inner, [p + "mlp.down_proj"], cfg.mlp_bias, f"{s}/mlp/down_proj")
+        last = i == cfg.num_layers - 1
+        h, x = norm.add_then_norm(down, x, "norm" if last else f"layers.{i + 1}.attn_norm",
+                                  "/model/norm" if last else f"/model/layers.{i + 1}/attn_norm")
 
     # logits only for the last k new tokens: a prefill needs one row, an evaluation all of them
     start = g.op("Neg", ["num_logits_to_keep"], "/model/keep/Neg")
-    x = g.op("Slice", [x, g.op("Unsqueeze", [start, g.const([0])], "/model/keep/Unsqueeze"),
+    x = g.op("Slice", [h, g.op("Unsqueeze", [start, g.const([0])], "/model/keep/Unsqueeze"),
                        g.const([2**62]), g.const([1])], "/model/keep/Slice")
-    x = _norm(g, cfg, x, "norm", W, "/model/norm")
     flat = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])], "/model/lm_head/flatten/Reshape")
     head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
     if head in quantized:
@@ -177,10 +206,10 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
 
     graph = helper.make_graph(g.nodes, "belle_edge", inputs, outputs, initializer=g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
-    if quantized:
+    if quantized or flavor == "ort":
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     return helper.make_model(graph, opset_imports=opsets,
-                             functions=[attention_function()], ir_version=10, producer_name="belle_edge")
+                             functions=[attention], ir_version=10, producer_name="belle_edge")
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -202,7 +231,8 @@ class _QuantizedWeight:
         self.codes, self.scales, self.zero_points, self.offsets_t = getattr(g, key)
 
     def matmul(self, x: str, scope: str) -> str:
-        """x (..., K) @ Wᵀ -> (..., N); with offsets, + blocksum(x) @ offsetᵀ (see quantize.py)."""
+        """x (..., K) @ Wᵀ -> (..., N); with offsets, + blocksum(x) @ offsetᵀ (quantize.py); the block sums
+        are one MatMul with a constant 0/1 block indicator (K, K/block)."""
         n, k = self.q.shape
         g = self.g
         y = g.op("MatMulNBits", [x, self.codes, self.scales, self.zero_points], scope + "/MatMulNBits",
@@ -210,11 +240,9 @@ class _QuantizedWeight:
                  accuracy_level=self.accuracy_level)
         if self.offsets_t is None:
             return y
-        lead = g.op("Shape", [x], scope + "/offsets/Shape", start=0, end=-1)
-        shape = g.op("Concat", [lead, g.const([k // self.q.block_size, self.q.block_size])],
-                     scope + "/offsets/shape/Concat", axis=0)
-        blocks = g.op("Reshape", [x, shape], scope + "/offsets/Reshape")  # (..., K/block, block)
-        sums = g.op("ReduceSum", [blocks, g.const([-1])], scope + "/offsets/ReduceSum", keepdims=0)
+        indicator = np.kron(np.eye(k // self.q.block_size, dtype=np.float32), np.ones((self.q.block_size, 1),
+                                                                                    dtype=np.float32))
+        sums = g.op("MatMul", [x, g.const(indicator, np.float32)], scope + "/offsets/blocksum/MatMul")  # (.., K/b)
         return g.op("Add", [y, g.op("MatMul", [sums, self.offsets_t], scope + "/offsets/MatMul")], scope + "/Add")
 
     def gather(self, ids: str, scope: str) -> str:
@@ -237,91 +265,121 @@ def _norm(g, cfg, x, name, W, scope):
                 axis=-1, epsilon=cfg.norm_eps)
 
 
-def _linear(g, x, name, Wt, W, bias, scope, weights):
-    w = Wt(name + ".weight")
-    y = w.matmul(x, scope) if isinstance(w, _QuantizedWeight) else g.op("MatMul", [x, w], scope + "/MatMul")
-    if bias and name + ".bias" in weights:
-        y = g.op("Add", [y, W(name + ".bias")], scope + "/Add")
-    return y
+class _Norms:
+    """The residual stream's norms: ``add_then_norm(y, x)`` is ``x + y`` and its norm, one fused contrib
+    node in the ``ort`` flavor, Add + norm in the portable one."""
+
+    def __init__(self, g, cfg, W, flavor):
+        self.g, self.cfg, self.W, self.fused = g, cfg, W, flavor == "ort"
+
+    def first(self, x, name, scope):
+        return _norm(self.g, self.cfg, x, name, self.W, scope)
+
+    def add_then_norm(self, y, x, name, scope):
+        g, cfg, W = self.g, self.cfg, self.W
+        if not self.fused:
+            x = g.op("Add", [x, y], scope + "/residual/Add")
+            return _norm(g, cfg, x, name, W, scope), x
+        if cfg.norm == "rms":
+            outs = g.op("SkipSimplifiedLayerNormalization", [y, x, W(name + ".weight")],
+                        scope + "/SkipSimplifiedLayerNormalization", outputs=4, domain="com.microsoft",
+                        epsilon=cfg.norm_eps)
+        else:
+            outs = g.op("SkipLayerNormalization", [y, x, W(name + ".weight"), W(name + ".bias")],
+                        scope + "/SkipLayerNormalization", outputs=4, domain="com.microsoft", epsilon=cfg.norm_eps)
+        return outs[0], outs[3]  # normed, and the residual sum x + y
 
 
-def _mlp(g, cfg, h, p, Wt, W, scope, weights):
-    up = _linear(g, h, p + "up_proj", Wt, W, cfg.mlp_bias, scope + "/up_proj", weights)
-    if cfg.mlp == "swiglu":
-        gate = _linear(g, h, p + "gate_proj", Wt, W, cfg.mlp_bias, scope + "/gate_proj", weights)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope + "/act/Sigmoid")], scope + "/act/Mul")
-        inner = g.op("Mul", [act, up], scope + "/Mul")
-    else:
-        inner = g.op("Gelu", [up], scope + "/act/Gelu", approximate="tanh")
-    return _linear(g, inner, p + "down_proj", Wt, W, cfg.mlp_bias, scope + "/down_proj", weights)
+def _fused_name(names: list[str]) -> str:
+    # layers.0.attn.q_proj + k_proj + v_proj -> layers.0.attn.qkv_proj
+    if len(names) == 1:
+        return names[0]
+    prefix = names[0].rsplit(".", 1)[0]
+    return prefix + "." + "_".join(n.rsplit(".", 1)[1].removesuffix("_proj") for n in names) + "_proj"
 
 
-def _heads(g, x, heads, head_dim, scope):
-    # (B, T, heads*D) -> (B, heads, T, D)
-    x = g.op("Reshape", [x, g.const([0, 0, heads, head_dim])], scope + "/Reshape")
-    return g.op("Transpose", [x], scope + "/Transpose", perm=[0, 2, 1, 3])
+def _split_heads(g, cfg, qkv, rope, scope):
+    """(B, T, (H + 2 Hkv) D) -> q (B, H, T, D), k, v (B, Hkv, T, D), RoPE on q and k together."""
+    h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    x = g.op("Reshape", [qkv, g.const([0, 0, h + 2 * kv, d])], scope + "/heads/Reshape")  # (B, T, H+2Hkv, D)
+    qk, v = g.op("Split", [x, g.const([h + kv, kv])], scope + "/qk_v/Split", outputs=2, axis=2)
+    qk = g.op("Transpose", [qk], scope + "/qk/Transpose", perm=[0, 2, 1, 3])  # (B, H+Hkv, T, D)
+    if rope is not None:
+        qk = rope(qk, scope + "/rope")
+    q, k = g.op("Split", [qk, g.const([h, kv])], scope + "/q_k/Split", outputs=2, axis=1)
+    return q, k, g.op("Transpose", [v], scope + "/v/Transpose", perm=[0, 2, 1, 3])
 
 
-def _rope_tables(g, cfg, npt):
-    """cos, sin (B, 1, T, D) from the absolute positions, computed in fp32 as the torch model does."""
+def _rope_tables(g, cfg, npt, flavor):
+    """A function applying RoPE to (B, heads, T, D) at the absolute positions, LLaMA's half-split layout.
+
+    ``ort``: onnxruntime's RotaryEmbedding over cos/sin tables of ``max_positions`` rows. ``portable``:
+    x * cos + (x @ R) * sin, cos/sin computed in fp32 from the positions as the torch model does and
+    R (D, D) the signed half swap with x @ R = cat(-x2, x1).
+    """
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    if flavor == "ort":
+        freqs = np.arange(cfg.max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # (P, D/2)
+        cos = g.initializer("rope.cos_cache", np.cos(freqs).astype(npt))
+        sin = g.initializer("rope.sin_cache", np.sin(freqs).astype(npt))
+
+        def apply(x, scope):
+            return g.op("RotaryEmbedding", [x, "position_ids", cos, sin], scope + "/RotaryEmbedding",
+                        domain="com.microsoft", interleaved=0)
+        return apply
+
     pos = g.op("Cast", ["position_ids"], "/model/rope/Cast", to=TensorProto.FLOAT)
     pos = g.op("Unsqueeze", [pos, g.const([-1])], "/model/rope/Unsqueeze")  # (B, T, 1)
     freqs = g.op("Mul", [pos, g.const(inv_freq.astype(np.float32), np.float32)], "/model/rope/Mul")
     emb = g.op("Concat", [freqs, freqs], "/model/rope/Concat", axis=-1)  # (B, T, D)
     emb = g.op("Unsqueeze", [emb, g.const([1])], "/model/rope/heads/Unsqueeze")  # (B, 1, T, D)
-    cos = g.op("Cos", [emb], "/model/rope/Cos")
-    sin = g.op("Sin", [emb], "/model/rope/Sin")
-    if npt != np.float32:
-        cos = g.op("Cast", [cos], "/model/rope/cos/Cast", to=TensorProto.FLOAT16)
-        sin = g.op("Cast", [sin], "/model/rope/sin/Cast", to=TensorProto.FLOAT16)
-    return cos, sin
+    cos = g.op("Cast", [g.op("Cos", [emb], "/model/rope/Cos")], "/model/rope/cos/Cast", to=DTYPES_BY_NP[npt])
+    sin = g.op("Cast", [g.op("Sin", [emb], "/model/rope/Sin")], "/model/rope/sin/Cast", to=DTYPES_BY_NP[npt])
+    half = d // 2
+    rot = np.zeros((d, d), dtype=np.float32)
+    rot[np.arange(half) + half, np.arange(half)] = -1.0  # out[:half] = -x[half:]
+    rot[np.arange(half), np.arange(half) + half] = 1.0  # out[half:] = x[:half]
+    rotation = g.const(rot.astype(npt), npt)
 
-
-def _apply_rope(g, x, rope, scope):
-    # x * cos + rotate_half(x) * sin, rotate_half = cat(-x2, x1) (LLaMA's half-split layout)
-    cos, sin = rope
-    x1, x2 = g.op("Split", [x], scope + "/Split", outputs=2, axis=-1, num_outputs=2)
-    rotated = g.op("Concat", [g.op("Neg", [x2], scope + "/Neg"), x1], scope + "/Concat", axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos], scope + "/cos/Mul"), g.op("Mul", [rotated, sin], scope + "/sin/Mul")],
-                scope + "/Add")
+    def apply(x, scope):
+        rotated = g.op("MatMul", [x, rotation], scope + "/rotate/MatMul")
+        return g.op("Add", [g.op("Mul", [x, cos], scope + "/cos/Mul"), g.op("Mul", [rotated, sin], scope + "/sin/Mul")],
+                    scope + "/Add")
+    return apply
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def attention_function() -> onnx.FunctionProto:
-    """``belle.DynamicMaskAttention`` in standard ops.
+def attention_function(cfg: ModelConfig) -> onnx.FunctionProto:
+    """``belle.DynamicMaskAttention`` in standard ops, specialised to this model's head layout (the sizes
+    are constants, so no shape arithmetic runs per layer; a model without ALiBi gets no bias subgraph).
 
     query (B, H, T, D), key/value (B, Hkv, T, D), past_key/value (B, Hkv, P, D), q_positions/q_turns (B, T),
-    k_positions/k_turns (B, S), window, sinks (), alibi_slopes (H,) (zeros: no ALiBi)
+    k_positions/k_turns (B, S), window, sinks (), alibi_slopes (H,) (unused without ALiBi)
     -> output (B, T, H*D), present_key/value (B, Hkv, S, D)::
 
-        present_k = past_k ++ key            (B, Hkv, S, D)
-        q_g       = query as (B, Hkv, G*T, D)   G = H / Hkv: query heads grouped per KV head
-        scores    = q_g @ present_kᵀ * D^-½  -> (B, Hkv, G, T, S) + slope * (p_k - p_q)
-        scores    = where(visible(...), scores, -inf);  softmax over S
-        output    = probs @ present_v -> (B, T, Hkv*G*D)
+        present_k = past_k ++ key                 (B, Hkv, S, D)
+        q_g       = query as (B, Hkv, G*T, D)     G = H / Hkv: query heads grouped per KV head
+        scores    = q_g @ present_kᵀ * D^-½        (B, Hkv, G*T, S)   [+ slope * (p_k - p_q), ALiBi]
+        scores    = where(visible(...), scores, -inf)   the mask tiled over the G query heads
+        output    = softmax(scores) @ present_v -> (B, T, Hkv*G*D)
+
+    The mask subgraph depends only on the positions, turns, W and S, so onnxruntime computes it once for
+    all layers (common-subexpression elimination after inlining).
     """
     g = GraphBuilder(as_function=True)
     s = "/attn"
+    kv, grp, d = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    if cfg.positions == "alibi" and grp != 1:
+        raise UnsupportedModelError("ALiBi with grouped KV heads is not supported by the export")
     q, k, v, past_k, past_v, q_pos, q_turn, k_pos, k_turn, window, sinks, slopes = ATTN_INPUTS
     g.op("Concat", [past_k, k], s + "/present_key/Concat", outputs=["present_key"], axis=2)
     g.op("Concat", [past_v, v], s + "/present_value/Concat", outputs=["present_value"], axis=2)
-
-    kv_heads = g.op("Shape", [past_k], s + "/kv_heads/Shape", start=1, end=2)
-    steps = g.op("Shape", [q], s + "/steps/Shape", start=2, end=3)
-    head_dim = g.op("Shape", [q], s + "/head_dim/Shape", start=3, end=4)
-    zero, minus1 = g.const([0]), g.const([-1])
-    grouped = g.op("Concat", [zero, kv_heads, minus1, zero], s + "/grouped_shape/Concat", axis=0)
-    q_g = g.op("Reshape", [q, grouped], s + "/q_grouped/Reshape")  # (B, Hkv, G*T, D)
+    q_g = g.op("Reshape", [q, g.const([0, kv, -1, d])], s + "/q_grouped/Reshape")  # (B, Hkv, G*T, D)
     k_t = g.op("Transpose", ["present_key"], s + "/k_t/Transpose", perm=[0, 1, 3, 2])
     scores = g.op("MatMul", [q_g, k_t], s + "/scores/MatMul")  # (B, Hkv, G*T, S)
-    scale = g.op("Reciprocal", [g.op("Sqrt", [g.op("Cast", [head_dim], s + "/scale/Cast", to=TensorProto.FLOAT)],
-                                     s + "/scale/Sqrt")], s + "/scale/Reciprocal")
-    scores = g.op("Mul", [scores, g.op("CastLike", [scale, q], s + "/scale/CastLike")], s + "/scores/Mul")
-    keys = g.op("Shape", ["present_key"], s + "/keys/Shape", start=2, end=3)
-    split = g.op("Concat", [zero, zero, minus1, steps, keys], s + "/split_shape/Concat", axis=0)
-    scores = g.op("Reshape", [scores, split], s + "/scores/Reshape")  # (B, Hkv, G, T, S)
+    scale = g.op("CastLike", [g.const(np.float32(d ** -0.5), np.float32), q], s + "/scale/CastLike")
+    scores = g.op("Mul", [scores, scale], s + "/scores/Mul")
 
     # the mask: belle_edge.mask.visible itself, traced into ONNX ops
     qp = Sym(g, g.op("Unsqueeze", [q_pos, g.const([2])], s + "/q_pos/Unsqueeze"), s + "/mask")  # (B, T, 1)
@@ -329,24 +387,24 @@ def attention_function() -> onnx.FunctionProto:
     kp = Sym(g, g.op("Unsqueeze", [k_pos, g.const([1])], s + "/k_pos/Unsqueeze"), s + "/mask")  # (B, 1, S)
     kt = Sym(g, g.op("Unsqueeze", [k_turn, g.const([1])], s + "/k_turn/Unsqueeze"), s + "/mask")
     allowed = visible(qp, qt, kp, kt, SimpleNamespace(window=Sym(g, window), sinks=Sym(g, sinks)))  # (B, T, S)
-    allowed = g.op("Unsqueeze", [allowed.name, g.const([1, 2])], s + "/mask/Unsqueeze")  # (B, 1, 1, T, S)
+    allowed = g.op("Unsqueeze", [allowed.name, g.const([1])], s + "/mask/Unsqueeze")  # (B, 1, T, S)
+    if grp > 1:  # rows of q_g are (g, t) pairs, g-major
+        allowed = g.op("Tile", [allowed, g.const([1, 1, grp, 1])], s + "/mask/Tile")  # (B, 1, G*T, S)
 
-    rel = g.op("Cast", [(kp - qp).name], s + "/alibi/Cast", to=TensorProto.FLOAT)  # p_k - p_q, (B, T, S)
-    rel = g.op("CastLike", [g.op("Unsqueeze", [rel, g.const([1, 2])], s + "/alibi/Unsqueeze"), q],
-               s + "/alibi/CastLike")
-    slope_shape = g.op("Concat", [g.const([1]), kv_heads, minus1, g.const([1, 1])], s + "/alibi/shape/Concat", axis=0)
-    bias = g.op("Mul", [g.op("Reshape", [slopes, slope_shape], s + "/alibi/Reshape"), rel], s + "/alibi/Mul")
-    scores = g.op("Add", [scores, bias], s + "/alibi/Add")
-    neg_inf = g.op("CastLike", [g.const(-np.inf, np.float32), q], s + "/neg_inf/CastLike")
+    if cfg.positions == "alibi":  # MHA: rows are (head, t); slope * (p_k - p_q), as in the torch model
+        rel = g.op("Cast", [(kp - qp).name], s + "/alibi/Cast", to=TensorProto.FLOAT)  # (B, T, S)
+        rel = g.op("CastLike", [g.op("Unsqueeze", [rel, g.const([1])], s + "/alibi/Unsqueeze"), q],
+                   s + "/alibi/CastLike")  # (B, 1, T, S)
+        bias = g.op("Mul", [g.op("Reshape", [slopes, g.const([1, -1, 1, 1])], s + "/alibi/Reshape"), rel],
+                    s + "/alibi/Mul")
+        scores = g.op("Add", [scores, bias], s + "/alibi/Add")
+    neg_inf = g.op("CastLike", [g.const(np.float32(-np.inf), np.float32), q], s + "/neg_inf/CastLike")
     scores = g.op("Where", [allowed, scores, neg_inf], s + "/mask/Where")
     probs = g.op("Softmax", [scores], s + "/Softmax", axis=-1)
-    merged = g.op("Concat", [zero, zero, minus1, keys], s + "/merged_shape/Concat", axis=0)
-    probs = g.op("Reshape", [probs, merged], s + "/probs/Reshape")  # (B, Hkv, G*T, S)
     ctx = g.op("MatMul", [probs, "present_value"], s + "/context/MatMul")  # (B, Hkv, G*T, D)
-    ctx_split = g.op("Concat", [zero, zero, minus1, steps, head_dim], s + "/ctx_shape/Concat", axis=0)
-    ctx = g.op("Reshape", [ctx, ctx_split], s + "/context/Reshape")  # (B, Hkv, G, T, D)
+    ctx = g.op("Reshape", [ctx, g.const([0, kv, grp, -1, d])], s + "/context/Reshape")  # (B, Hkv, G, T, D)
     ctx = g.op("Transpose", [ctx], s + "/context/Transpose", perm=[0, 3, 1, 2, 4])  # (B, T, Hkv, G, D)
-    g.op("Reshape", [ctx, g.const([0, 0, -1])], s + "/output/Reshape", outputs=["output"])
+    g.op("Reshape", [ctx, g.const([0, 0, kv * grp * d])], s + "/output/Reshape", outputs=["output"])
     return helper.make_function(DOMAIN, ATTENTION_OP, ATTN_INPUTS, ATTN_OUTPUTS, g.nodes,
                                 [helper.make_opsetid("", OPSET)],
                                 attributes=["num_heads", "num_kv_heads", "head_dim", "scale"])

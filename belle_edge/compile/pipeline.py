@@ -100,7 +100,8 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
             rec.update(record)
     with _stage("export", stages, bar) as rec:
         dtype = "float16" if config.precision == "fp16" else "float32"
-        rec.update(export_onnx(ckpt.config, ckpt.state_dict, work, dtype=dtype, quantized=quantized))
+        # a cpu artifact runs on onnxruntime: let it use its fused ops (TensorRT targets get "portable")
+        rec.update(export_onnx(ckpt.config, ckpt.state_dict, work, dtype=dtype, quantized=quantized, flavor="ort"))
     if "fidelity" in steps:
         with _stage("fidelity", stages, bar) as rec:
             rec.update(measure_fidelity(ckpt, os.path.join(work, "model.onnx"), tokens=config.fidelity_tokens))

@@ -75,6 +75,18 @@ class BlockQuantized:
         return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
 
 
+def concat_rows(parts: list[BlockQuantized]) -> BlockQuantized:
+    """Stack weights of one input along N (fused q/k/v or gate/up); blocks run along K, so they stay whole."""
+    first = parts[0]
+    assert all(p.bits == first.bits and p.block_size == first.block_size for p in parts)
+    with_offsets = any(p.offsets is not None for p in parts)
+    offsets = np.concatenate([p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in parts]) \
+        if with_offsets else None
+    return BlockQuantized(first.bits, first.block_size, np.concatenate([p.codes for p in parts]),
+                          np.concatenate([p.scales for p in parts]), np.concatenate([p.zero_points for p in parts]),
+                          offsets, "+".join(sorted({p.source for p in parts})))
+
+
 def linear_names(cfg: ModelConfig) -> list[str]:
     names = []
     for i in range(cfg.num_layers):

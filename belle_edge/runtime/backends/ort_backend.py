@@ -51,6 +51,8 @@ class OrtBackend:
         self._cur = 0
         self.n = 0  # tokens in the current buffer
         self._logits = np.zeros((1, 1, vocab_size), dtype=np.float32)
+        self._names = [((layer, kind), f"past_key_values.{layer}.{name}", f"present.{layer}.{name}")
+                       for layer in range(num_layers) for kind, name in ((0, "key"), (1, "value"))]
 
     def _view(self, which: int, layer: int, kind: int, n: int) -> np.ndarray:
         flat = self._buffers[which][layer, kind, :self.kv_heads * n * self.head_dim]
@@ -80,15 +82,16 @@ class OrtBackend:
         io.bind_cpu_input("mask_window", np.array(WINDOW_OFF if mask.window is None else mask.window, dtype=np.int64))
         io.bind_cpu_input("mask_sinks", np.array(mask.sinks, dtype=np.int64))
         io.bind_cpu_input("num_logits_to_keep", np.array(1, dtype=np.int64))
+        cur, nxt = self._buffers[self._cur], self._buffers[1 - self._cur]
+        # slot (layer, kind) of a buffer starts at a fixed byte offset; a (1, Hkv, n, D) prefix is contiguous
+        stride = cur.strides[1]
+        past_shape = [1, self.kv_heads, start, self.head_dim]
+        present_shape = [1, self.kv_heads, total, self.head_dim]
+        for (layer, kind), past_name, present_name in self._names:
+            offset = (2 * layer + kind) * stride
+            io.bind_input(past_name, "cpu", 0, self.dtype, past_shape, cur.ctypes.data + offset)
+            io.bind_output(present_name, "cpu", 0, self.dtype, present_shape, nxt.ctypes.data + offset)
         cur, nxt = self._cur, 1 - self._cur
-        for layer in range(self.layers):
-            for kind, name in ((0, "key"), (1, "value")):
-                past = self._view(cur, layer, kind, start)
-                present = self._view(nxt, layer, kind, total)
-                io.bind_input(f"past_key_values.{layer}.{name}", "cpu", 0, self.dtype, list(past.shape),
-                              past.ctypes.data)
-                io.bind_output(f"present.{layer}.{name}", "cpu", 0, self.dtype, list(present.shape),
-                               present.ctypes.data)
         io.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
         self.session.run_with_iobinding(io)
         self._cur, self.n = nxt, total

@@ -1,0 +1,39 @@
+"""`belle-edge bench` on a tiny model: the JSON document, interleaved variants, skips with reasons."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_bench_reports_every_variant_with_medians_and_ratios(tiny_llama_dir, tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "belle_edge.cli", "bench", tiny_llama_dir, "--backends",
+         "ort-fp32,ort-int8,torch-fp32,transformers-fp32,llamacpp-q4", "--runs", "2", "--new-tokens", "6",
+         "--prompt-tokens", "24", "--turns", "3", "--turn-new-tokens", "4", "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert {"cpu", "cores", "threads", "mem_bw_gbs"} <= set(doc["machine"])
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == {"ort-fp32", "ort-int8", "torch-fp32", "transformers-fp32"}
+    for r in rows.values():
+        assert r["runs"] == 2 and r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["decode_tok_s_range"][0] <= r["decode_tok_s"] <= r["decode_tok_s_range"][1]
+        assert {"backend", "precision", "prefill_tok_s", "roofline_pct"} <= set(r)
+    assert rows["ort-fp32"]["decode_x_transformers-fp32"] > 0
+    assert doc["settings"]["prompt_tokens"] >= 20
+    # the tiny checkpoint is no GGUF: the llama.cpp peer is skipped with the reason, not faked
+    assert [s["backend"] for s in doc["skipped"]] == ["llamacpp-q4"]
+    assert "GGUF" in doc["skipped"][0]["reason"] or "not installed" in doc["skipped"][0]["reason"]
+    assert len(doc["turns"]) == 3 * 4 and {t["turn"] for t in doc["turns"]} == {1, 2, 3}
+    for name in ("bench.md", "bench.json", "bench.png"):
+        assert os.path.getsize(out / name) > 0
+
+
+def test_bench_refuses_an_unknown_backend(tiny_llama_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "belle_edge.cli", "bench", tiny_llama_dir, "--backends",
+                             "ort-fp32,vllm", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--backends: unknown vllm" in result.stderr
