@@ -144,3 +144,9 @@ def test_the_default_model_exports_and_matches(default_checkpoint, tmp_path):
         ref = Decoder.from_state_dict(cfg, default_checkpoint.state_dict)(
             torch.from_numpy(ids)[None], np.arange(t), np.zeros(t, np.int64), MaskConfig.off())[0].numpy()
     assert np.abs(got - ref).max() < 1e-4
+    # fp16: this model's logits reach ~34, where a half-precision step is 0.03, so the bound is relative
+    half = tmp_path / "fp16"
+    export_onnx(cfg, default_checkpoint.state_dict, str(half), dtype="float16", flavor="ort")
+    got16 = run_onnx_logits(make_session(str(half / "model.onnx")), cfg, ids, chunk=8)
+    assert np.abs(got16 - ref).max() < 1e-2 * np.abs(ref).max()
+    assert (got16.argmax(-1) == ref.argmax(-1)).all()
