@@ -338,8 +338,9 @@ def _plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
     names = [r["variant"] for r in rows]
     for ax, key, label in ((axes[0], "decode_tok_s", "decode tokens/s"), (axes[1], "ttft_ms", "time to first token, ms")):
-        ax.barh(names, [r[key] for r in rows], xerr=[[r[key] - r[key + "_range"][0] for r in rows],
-                                                      [r[key + "_range"][1] - r[key] for r in rows]])
+        # medians and ranges are rounded separately: clip so a rounding step never makes an error bar negative
+        ax.barh(names, [r[key] for r in rows], xerr=[[max(0.0, r[key] - r[key + "_range"][0]) for r in rows],
+                                                      [max(0.0, r[key + "_range"][1] - r[key]) for r in rows]])
         ax.set_xlabel(label)
     if result["turns"]:
         for v in sorted({t["variant"] for t in result["turns"]}):

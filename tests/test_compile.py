@@ -100,8 +100,11 @@ def test_compile_quantized_records_its_fidelity(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--precision", "fp8"], "precision 'fp8' is not available on target cpu; it supports fp32, fp16, int8, int4"),
-    (["--target", "jetson-tx2"], "target 'jetson-tx2': not supported"),
+    (["--precision", "fp8"], "precision 'fp8' is not available on target cpu (any CPU (ONNX Runtime)); it "
+                             "supports fp32, fp16, int8, int4"),
+    (["--target", "a100", "--precision", "fp8"], "precision 'fp8' is not available on target a100"),
+    (["--target", "orin", "--precision", "fp8"], "it supports fp16, int8, int4"),
+    (["--target", "jetson-tx2"], "target 'jetson-tx2': unknown; known: orin-agx"),
     (["--precision", "int4", "--block-size", "128"], "block size 128 does not divide the input width 64"),
 ])
 def test_compile_refusals_are_one_line_errors(tmp_path, tiny_llama_dir, args, message):
@@ -165,3 +168,22 @@ def test_a_half_precision_artifact_chats(tmp_path, tiny_llama_dir):
     assert {s["name"]: s for s in m["stages"]}["fidelity"]["kl_mean"] < 0.01
     reply = load(out).session(max_new_tokens=5).send("你好")
     assert reply.stats.new_tokens >= 1 and reply.stats.kv_tokens > 0
+
+
+def test_targets_refuse_what_the_device_lacks_and_what_does_not_fit():
+    from belle_edge.targets import TARGETS, check_memory, check_precision, get_target
+
+    assert get_target("orin").sm == 87 and get_target("rtx3090").sm == 86 and get_target("a100").sm == 80
+    for name in ("orin-agx", "orin-nx", "orin-nano", "rtx3090", "a100"):
+        with pytest.raises(InputError, match="precision 'fp8' is not available"):
+            check_precision(TARGETS[name], "fp8")
+    check_precision(TARGETS["h100"], "fp8")
+    # BELLE-7B (BLOOM, 7.07B parameters, 30 layers, 32 heads of 128) in fp16 on an 8 GB Orin Nano: no
+    with pytest.raises(InputError, match=r"does not fit orin-nano \(8 GiB\): weights 7,069,016,064 x 2 B = "
+                                         r"13.17 GiB \+ KV cache 4096 tokens x 30 layers x 2 x 32 heads x 128 x 2 B"):
+        check_memory(TARGETS["orin-nano"], "fp16", params=7_069_016_064, layers=30, kv_heads=32, head_dim=128,
+                     kv_tokens=4096)
+    # pruned to 3B and int4, it does
+    record = check_memory(TARGETS["orin-nano"], "int4", params=3_000_000_000, layers=30, kv_heads=32,
+                          head_dim=128, kv_tokens=2048)
+    assert record["total_gib"] < 8

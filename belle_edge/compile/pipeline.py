@@ -22,9 +22,7 @@ from dataclasses import asdict, dataclass
 from .. import __version__
 from ..errors import InputError
 from ..manifest import FORMAT, VERSION, write_manifest
-
-TARGET_PRECISIONS = {"cpu": ("fp32", "fp16", "int8", "int4")}
-
+from ..targets import check_memory, check_precision, get_target
 
 @dataclass(frozen=True)
 class CompileConfig:
@@ -37,15 +35,19 @@ class CompileConfig:
     allow_pickle: bool = False
     block_size: int = 32
     fidelity_tokens: int = 512  # held-out tokens for the quantized-vs-fp32 check
+    max_kv_tokens: int = 4096  # the KV cache the memory check budgets for
 
     def __post_init__(self):
-        if self.target not in TARGET_PRECISIONS:
-            raise InputError(f"target {self.target!r}: not supported by this version; supported: "
-                             f"{', '.join(TARGET_PRECISIONS)}")
-        allowed = TARGET_PRECISIONS[self.target]
-        if self.precision not in allowed:
-            raise InputError(f"precision {self.precision!r} is not available on target {self.target}; "
-                             f"it supports {', '.join(allowed)}")
+        target = get_target(self.target)
+        check_precision(target, self.precision)
+        if not target.gpu:
+            pass
+        elif target.builders == ("tensorrt-on-device",):
+            raise InputError(f"target {target.name}: its engine is built on the Jetson itself (jetson/README.md); "
+                             "compile --target cpu here and copy the artifact over")
+        else:
+            raise InputError(f"target {target.name}: TensorRT engines are not built by this version yet; "
+                             "supported today: cpu")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise InputError(f"block size {self.block_size}: expected 16, 32, 64, 128 or 256")
 
@@ -89,8 +91,12 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
 
     with _stage("load", stages, bar) as rec:
         ckpt = load_checkpoint(config.model, allow_pickle=config.allow_pickle, chat_format=config.chat_format)
-        rec.update(source=ckpt.source, kind=ckpt.kind, family=ckpt.config.family,
-                   parameters=int(sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith("slopes"))))
+        cfg = ckpt.config
+        params = int(sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith("slopes")))
+        memory = check_memory(get_target(config.target), config.precision, params=params, layers=cfg.num_layers,
+                              kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                              kv_tokens=min(config.max_kv_tokens, cfg.max_positions))
+        rec.update(source=ckpt.source, kind=ckpt.kind, family=cfg.family, parameters=params, memory=memory)
     quantized = None
     if "quantize" in steps:
         with _stage("quantize", stages, bar) as rec:
