@@ -29,6 +29,7 @@ COMPILE = TORCH + [
     "rich==15.0.0",  # tables for `belle-edge inspect`
     "tqdm>=4.66,<5",  # progress of long stages
 ]
+TRT = ["tensorrt-rtx==1.7.1.116"]  # builds engines ahead of time, no GPU needed (DESIGN.md)
 BENCH = ["matplotlib==3.11.2"]
 BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
 TEST = ["pytest==9.2.0"]
@@ -41,7 +42,7 @@ setup(
     packages=find_packages(include=["belle_edge", "belle_edge.*", "benchmarks"]),
     package_data={"belle_edge": ["data/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "bench": COMPILE + BENCH,
-                    "bench-llamacpp": COMPILE + BENCH + BENCH_LLAMACPP, "test": COMPILE + BENCH + TEST},
+    extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "trt": COMPILE + TRT, "bench": COMPILE + BENCH,
+                    "bench-llamacpp": COMPILE + BENCH + BENCH_LLAMACPP, "test": COMPILE + TRT + BENCH + TEST},
     entry_points={"console_scripts": ["belle-edge=belle_edge.cli:main"]},
 )

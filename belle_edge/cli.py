@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", default="cpu", help="device to compile for (default cpu)")
     comp.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int4 (default fp32)")
     comp.add_argument("--block-size", type=int, default=32, help="quantization block size (default 32)")
+    comp.add_argument("--attention", default="plugin", help="GPU targets: plugin (ours) | native (TensorRT's)")
+    comp.add_argument("--max-kv-tokens", type=int, default=4096, help="KV cache to budget and build for")
     comp.add_argument("--force", action="store_true", help="replace an existing --out")
     comp.add_argument("--chat-format", default="auto", help="auto | template | belle | belle-v2")
     comp.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle weights")
@@ -113,7 +115,7 @@ def _compile(args) -> int:
 
     config = CompileConfig(out=args.out, model=args.model, target=args.target, precision=args.precision,
                            force=args.force, chat_format=args.chat_format, allow_pickle=args.allow_pickle,
-                           block_size=args.block_size)
+                           block_size=args.block_size, attention=args.attention, max_kv_tokens=args.max_kv_tokens)
     manifest = compile_model(config, progress=not args.no_progress)
     print(f"wrote {args.out}")
     _print_manifest(manifest)

@@ -22,7 +22,8 @@ present.{i}.value (output)     float   [B, kv_heads, S, head_dim]
 
 "float" is float32 or float16 (``dtype``); logits are always float32. Attention is one node
 ``belle.DynamicMaskAttention`` (version 1) per layer; its model-local ONNX function body (standard ops) lets
-stock onnxruntime run it, and a TensorRT plugin with the same identity can replace it. Query heads are
+stock onnxruntime run it, and a TensorRT plugin with the same identity can replace it (the node carries
+``plugin_namespace="belle"`` and ``plugin_version="1"``: TensorRT's parser looks plugins up by those). Query heads are
 grouped per KV head (no repeated K/V). The mask inside the body is :func:`belle_edge.mask.visible` traced
 into ONNX. Tied embeddings are stored once (the LM head is a ``Gemm`` with ``transB`` on the embedding).
 Weights larger than 1 KiB go to ``model.onnx.data`` (external data), written tensor by tensor while
@@ -59,6 +60,7 @@ ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
 FLAVORS = ("portable", "ort")
+ATTENTION_MODES = ("plugin", "native")  # our node (function body / TensorRT plugin), or the ONNX Attention op
 ATTN_INPUTS = ["query", "key", "value", "past_key", "past_value", "q_positions", "q_turns", "k_positions",
                "k_turns", "window", "sinks", "alibi_slopes"]
 ATTN_OUTPUTS = ["output", "present_key", "present_value"]
@@ -66,7 +68,7 @@ ATTN_OUTPUTS = ["output", "present_key", "present_value"]
 
 def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str = "float32",
                 quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4,
-                flavor: str = "portable") -> dict:
+                flavor: str = "portable", attention: str = "plugin") -> dict:
     """Write ``model.onnx`` (+ ``model.onnx.data``) into ``out_dir``; returns the manifest record.
 
     ``quantized`` (from the quantize pass) turns those weights' MatMuls into ``com.microsoft::MatMulNBits``
@@ -80,6 +82,8 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
     """
     if flavor not in FLAVORS:
         raise ValueError(f"export flavor {flavor!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention {attention!r}")
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}")
@@ -89,7 +93,7 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
     external = ExternalData(out_dir, DATA_FILE)
     try:
         model = build_model(cfg, weights, dtype=dtype, quantized=quantized, accuracy_level=accuracy_level,
-                            external=external, flavor=flavor)
+                            external=external, flavor=flavor, attention=attention)
     finally:
         external.close()
     path = os.path.join(out_dir, ONNX_FILE)
@@ -97,7 +101,8 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
     onnx.checker.check_model(path, full_check=True)  # structure + shape inference, reading the saved file
     return {
         "onnx": ONNX_FILE, "data": DATA_FILE, "opset": OPSET, "dtype": dtype,
-        "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1", "flavor": flavor, "quantized_matmuls": len(quantized),
+        "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1", "flavor": flavor, "attention": attention,
+        "quantized_matmuls": len(quantized),
         "accuracy_level": accuracy_level if quantized else None,
         "bytes": os.path.getsize(path) + os.path.getsize(os.path.join(out_dir, DATA_FILE)),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -106,7 +111,8 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
 
 def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str = "float32",
                 quantized: dict[str, BlockQuantized] | None = None, accuracy_level: int = 4,
-                external: ExternalData | None = None, flavor: str = "portable") -> onnx.ModelProto:
+                external: ExternalData | None = None, flavor: str = "portable",
+                attention: str = "plugin") -> onnx.ModelProto:
     g = GraphBuilder(external=external)
     ft, npt = DTYPES[dtype], NP_DTYPES[dtype]
     quantized = quantized or {}
@@ -155,7 +161,8 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
     rope = _rope_tables(g, cfg, npt, flavor) if cfg.positions == "rope" else None
     norm = _Norms(g, cfg, W, flavor)
 
-    attention = attention_function(cfg)
+    function = attention_function(cfg) if attention == "plugin" else None
+    native_mask = _native_mask(g, cfg, k_pos, k_turn) if attention == "native" else None
     h = norm.first(x, "layers.0.attn_norm", "/model/layers.0/attn_norm")
     for i in range(cfg.num_layers):
         p, s = f"layers.{i}.", f"/model/layers.{i}"
@@ -164,13 +171,16 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
         q, k, v = _split_heads(g, cfg, qkv, rope, f"{s}/attn")
         slopes = (weights[p + "attn.alibi_slopes"] if cfg.positions == "alibi"
                   else np.zeros(cfg.num_heads, dtype=np.float32))  # LLaMA: unused, same node signature
-        attn, _, _ = g.op(ATTENTION_OP, [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                         "position_ids", "turn_ids", k_pos, k_turn, "mask_window", "mask_sinks",
-                                         g.initializer(p + "attn.alibi_slopes", slopes.astype(npt))],
-                          f"{s}/attn/{ATTENTION_OP}", domain=DOMAIN,
-                          outputs=[f"{s}/attn/output", f"present.{i}.key", f"present.{i}.value"],
-                          num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                          scale=float(cfg.head_dim ** -0.5))
+        if native_mask is not None:
+            attn = _native_attention(g, cfg, i, q, k, v, native_mask, slopes.astype(npt), f"{s}/attn")
+        else:
+            attn, _, _ = g.op(ATTENTION_OP, [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                             "position_ids", "turn_ids", k_pos, k_turn, "mask_window", "mask_sinks",
+                                             g.initializer(p + "attn.alibi_slopes", slopes.astype(npt))],
+                              f"{s}/attn/{ATTENTION_OP}", domain=DOMAIN,
+                              outputs=[f"{s}/attn/output", f"present.{i}.key", f"present.{i}.value"],
+                              num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                              scale=float(cfg.head_dim ** -0.5), plugin_namespace=DOMAIN, plugin_version="1")
         o = linear(attn, [p + "attn.o_proj"], cfg.attention_bias, f"{s}/attn/o_proj")
         h, x = norm.add_then_norm(o, x, p + "mlp_norm", f"{s}/mlp_norm")  # x += o; h = norm(x)
         if cfg.mlp == "swiglu":
@@ -205,11 +215,11 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
     g.op("Cast", [logits], "/model/logits/Cast", outputs=["logits"], to=TensorProto.FLOAT)
 
     graph = helper.make_graph(g.nodes, "belle_edge", inputs, outputs, initializer=g.initializers)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)]
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid(DOMAIN, 1)] if function else [])
     if quantized or flavor == "ort":
         opsets.append(helper.make_opsetid("com.microsoft", 1))
     return helper.make_model(graph, opset_imports=opsets,
-                             functions=[attention], ir_version=10, producer_name="belle_edge")
+                             functions=[function] if function else [], ir_version=10, producer_name="belle_edge")
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -349,6 +359,43 @@ def _rope_tables(g, cfg, npt, flavor):
     return apply
 
 
+def _native_mask(g, cfg, k_pos, k_turn):
+    """The mask for ``attention="native"``, once for all layers: (B, 1, T, S) booleans, plus p_k - p_q as
+    (B, 1, T, S) float for ALiBi. Still belle_edge.mask.visible, traced."""
+    s = "/model/mask"
+    qp = Sym(g, g.op("Unsqueeze", ["position_ids", g.const([2])], s + "/q_pos/Unsqueeze"), s)  # (B, T, 1)
+    qt = Sym(g, g.op("Unsqueeze", ["turn_ids", g.const([2])], s + "/q_turn/Unsqueeze"), s)
+    kp = Sym(g, g.op("Unsqueeze", [k_pos, g.const([1])], s + "/k_pos/Unsqueeze"), s)  # (B, 1, S)
+    kt = Sym(g, g.op("Unsqueeze", [k_turn, g.const([1])], s + "/k_turn/Unsqueeze"), s)
+    allowed = visible(qp, qt, kp, kt, SimpleNamespace(window=Sym(g, "mask_window"), sinks=Sym(g, "mask_sinks")))
+    allowed = g.op("Unsqueeze", [allowed.name, g.const([1])], s + "/Unsqueeze")  # (B, 1, T, S)
+    rel = None
+    if cfg.positions == "alibi":
+        rel = g.op("Unsqueeze", [g.op("Cast", [(kp - qp).name], s + "/rel/Cast", to=TensorProto.FLOAT),
+                                 g.const([1])], s + "/rel/Unsqueeze")
+    return allowed, rel
+
+
+def _native_attention(g, cfg, i, q, k, v, mask, slopes, scope):
+    """Concatenate the cache outside, then the ONNX ``Attention`` op (opset 23) with an explicit mask: what
+    TensorRT maps to its own fused attention (it refuses past/present inside the op)."""
+    allowed, rel = mask
+    g.op("Concat", [f"past_key_values.{i}.key", k], scope + "/present_key/Concat", outputs=[f"present.{i}.key"],
+         axis=2)
+    g.op("Concat", [f"past_key_values.{i}.value", v], scope + "/present_value/Concat",
+         outputs=[f"present.{i}.value"], axis=2)
+    attn_mask = allowed
+    if rel is not None:  # ALiBi: a float mask, slope * (p_k - p_q) where visible, -inf elsewhere
+        bias = g.op("Mul", [g.const(slopes.reshape(1, -1, 1, 1), slopes.dtype.type),
+                            g.op("CastLike", [rel, q], scope + "/alibi/CastLike")], scope + "/alibi/Mul")
+        neg_inf = g.op("CastLike", [g.const(np.float32(-np.inf), np.float32), q], scope + "/neg_inf/CastLike")
+        attn_mask = g.op("Where", [allowed, bias, neg_inf], scope + "/alibi/Where")
+    y = g.op("Attention", [q, f"present.{i}.key", f"present.{i}.value", attn_mask], scope + "/Attention",
+             scale=float(cfg.head_dim ** -0.5))  # (B, H, T, D)
+    y = g.op("Transpose", [y], scope + "/output/Transpose", perm=[0, 2, 1, 3])
+    return g.op("Reshape", [y, g.const([0, 0, cfg.q_size])], scope + "/output/Reshape")
+
+
 # ---------------------------------------------------------------------------------------------- attention
 def attention_function(cfg: ModelConfig) -> onnx.FunctionProto:
     """``belle.DynamicMaskAttention`` in standard ops, specialised to this model's head layout (the sizes
@@ -407,4 +454,5 @@ def attention_function(cfg: ModelConfig) -> onnx.FunctionProto:
     g.op("Reshape", [ctx, g.const([0, 0, kv * grp * d])], s + "/output/Reshape", outputs=["output"])
     return helper.make_function(DOMAIN, ATTENTION_OP, ATTN_INPUTS, ATTN_OUTPUTS, g.nodes,
                                 [helper.make_opsetid("", OPSET)],
-                                attributes=["num_heads", "num_kv_heads", "head_dim", "scale"])
+                                attributes=["num_heads", "num_kv_heads", "head_dim", "scale", "plugin_namespace",
+                                            "plugin_version"])

@@ -1,6 +1,8 @@
 """``compile()``: the row of passes from a checkpoint to an artifact, each recorded in the manifest.
 
-    load ─▶ quantize (int8/int4) ─▶ export (ONNX) ─▶ fidelity (quantized: vs fp32) ─▶ package
+    cpu:          load ─▶ quantize (int8/int4) ─▶ export (ONNX, ort flavor) ─▶ fidelity ─▶ package
+    rtx3090/a100: load ─▶ export (portable fp16 ONNX) ─▶ build (TensorRT engine + plugin) ─▶ package
+    orin:         load ─▶ export (portable fp16 ONNX) ─▶ package; the engine is built on the Jetson (jetson/)
 
 The artifact is built in a hidden sibling folder and renamed into place at the end, so a failed or
 interrupted compile never leaves a folder that looks complete; an existing output is replaced only with
@@ -36,18 +38,17 @@ class CompileConfig:
     block_size: int = 32
     fidelity_tokens: int = 512  # held-out tokens for the quantized-vs-fp32 check
     max_kv_tokens: int = 4096  # the KV cache the memory check budgets for
+    attention: str = "plugin"  # GPU targets: our plugin layer, or "native" (TensorRT's attention + explicit mask)
+    max_prefill: int = 512  # GPU engines: the prefill profile's longest chunk
 
     def __post_init__(self):
         target = get_target(self.target)
         check_precision(target, self.precision)
-        if not target.gpu:
-            pass
-        elif target.builders == ("tensorrt-on-device",):
-            raise InputError(f"target {target.name}: its engine is built on the Jetson itself (jetson/README.md); "
-                             "compile --target cpu here and copy the artifact over")
-        else:
-            raise InputError(f"target {target.name}: TensorRT engines are not built by this version yet; "
-                             "supported today: cpu")
+        if self.attention not in ("plugin", "native"):
+            raise InputError(f"--attention: expected plugin or native, got {self.attention!r}")
+        if target.gpu and self.precision not in ("fp16", "bf16"):
+            raise InputError(f"precision {self.precision!r} for {target.name}: this version builds TensorRT engines "
+                             "in fp16/bf16 only (weight-only int8/int4 engines are not built yet); use fp16")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise InputError(f"block size {self.block_size}: expected 16, 32, 64, 128 or 256")
 
@@ -84,9 +85,16 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
     from .load import load_checkpoint
     from .quantize import gguf_blocks, quantize_weights
 
+    from .build_engine import build_engine
+
+    target = get_target(config.target)
     stages = []
-    steps = ["load"] + (["quantize"] if config.precision in ("int8", "int4") else []) + ["export"] + \
-        (["fidelity"] if config.precision != "fp32" else []) + ["package"]
+    if target.gpu:
+        builds_here = target.builders != ("tensorrt-on-device",)
+        steps = ["load", "export"] + (["build"] if builds_here else []) + ["package"]
+    else:
+        steps = ["load"] + (["quantize"] if config.precision in ("int8", "int4") else []) + ["export"] + \
+            (["fidelity"] if config.precision != "fp32" else []) + ["package"]
     bar = _progress(len(steps), enabled=progress)
 
     with _stage("load", stages, bar) as rec:
@@ -105,9 +113,18 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
                                                  block_size=config.block_size, gguf_blocks=blocks)
             rec.update(record)
     with _stage("export", stages, bar) as rec:
-        dtype = "float16" if config.precision == "fp16" else "float32"
-        # a cpu artifact runs on onnxruntime: let it use its fused ops (TensorRT targets get "portable")
-        rec.update(export_onnx(ckpt.config, ckpt.state_dict, work, dtype=dtype, quantized=quantized, flavor="ort"))
+        dtype = "float16" if config.precision in ("fp16", "bf16") else "float32"
+        # a cpu artifact runs on onnxruntime: let it use its fused ops; TensorRT parses the portable one
+        rec.update(export_onnx(ckpt.config, ckpt.state_dict, work, dtype=dtype, quantized=quantized,
+                               flavor="portable" if target.gpu else "ort",
+                               attention=config.attention if target.gpu else "plugin"))
+    engine = None
+    if "build" in steps:
+        with _stage("build", stages, bar) as rec:
+            engine = build_engine(os.path.join(work, "model.onnx"), work, sm=target.sm, attention=config.attention,
+                                  max_prefill=config.max_prefill, max_past=min(config.max_kv_tokens,
+                                                                                  ckpt.config.max_positions))
+            rec.update(engine)
     if "fidelity" in steps:
         with _stage("fidelity", stages, bar) as rec:
             rec.update(measure_fidelity(ckpt, os.path.join(work, "model.onnx"), tokens=config.fidelity_tokens))
@@ -120,7 +137,10 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
                        "name": _source_name(config.model, ckpt.source)},
             "model": ckpt.config.to_dict(), "target": config.target, "precision": config.precision,
             "settings": asdict(config),
-            "runtime": {"backend": "onnxruntime", "onnx": "model.onnx", "kv_dtype": dtype,
+            "runtime": {"backend": "tensorrt" if target.gpu else "onnxruntime", "onnx": "model.onnx",
+                        "engine": engine["engine"] if engine else None,
+                        "engine_built_on_device": target.gpu and engine is None,
+                        "sm": target.sm, "kv_dtype": dtype,
                         "max_positions": ckpt.config.max_positions, "stop_token_ids": sorted(ckpt.stop_token_ids),
                         "fingerprint": f"{ckpt.fingerprint}-{config.target}-{config.precision}"},
             "chat_format": ckpt.chat_format.to_dict(),

@@ -1,0 +1,192 @@
+"""The build pass: portable ONNX -> a TensorRT engine for a GPU target, with our attention plugin.
+
+One builder for both TensorRT flavours through a thin shim (:func:`import_tensorrt`): standard TensorRT
+(``tensorrt``: JetPack, NGC, an SDK) and TensorRT-RTX (``tensorrt_rtx``, installable from the registry,
+which builds ahead of time with no GPU). Facts this relies on (DESIGN.md, checked on our machines):
+
+* TensorRT-RTX is strongly typed: precision comes from the ONNX (export it in fp16); it takes the target
+  compute capability explicitly (SM75/80/86/89/120/121; not sm_87 Orin or sm_90 H100).
+* Its ONNX parser dlopens an unversioned ``libtensorrt_rtx.so`` while looking up plugins; the wheel ships
+  only ``.so.1``. So the build runs in a child process whose ``LD_LIBRARY_PATH`` holds a folder with that
+  link (:func:`library_env`) — it cannot be set once Python has started.
+* With our plugin creator registered, each ``belle.DynamicMaskAttention`` node becomes one PLUGIN_V3 layer.
+  ``attention="native"`` exports the graph without the custom node instead (concatenated cache + the ONNX
+  ``Attention`` op with an explicit mask), for engines that must not depend on our plugin.
+
+Two optimization profiles: prefill (1..max_prefill new tokens) and decode (1 token), both over past
+lengths 0..max_past. The child writes ``model.engine`` and ``build.log`` and prints its manifest record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from ..errors import BelleEdgeError, MissingDependencyError
+
+ENGINE_FILE = "model.engine"
+LOG_FILE = "build.log"
+RTX_SMS = (75, 80, 86, 89, 120, 121)
+
+
+class EngineBuildError(BelleEdgeError):
+    """TensorRT refused the network or failed to build; the message points at the build log."""
+
+
+def import_tensorrt(flavour: str | None = None):
+    """(module, flavour): standard TensorRT where installed, else TensorRT-RTX; or the one asked for."""
+    order = [flavour] if flavour else ["tensorrt", "tensorrt_rtx"]
+    for name in order:
+        try:
+            module = __import__(name)
+            if hasattr(module, "Builder"):
+                return module, name
+        except ImportError:
+            continue
+    raise MissingDependencyError("no TensorRT: install tensorrt-rtx (pip install 'belle_edge[trt]') or a "
+                                 "TensorRT release for your platform (JetPack, NGC)")
+
+
+def library_env(cache_dir: str) -> dict:
+    """Environment for a child process in which TensorRT-RTX's parser finds its unversioned library."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensorrt_rtx_libs")
+    if spec is None or not spec.submodule_search_locations:
+        return dict(os.environ)
+    libs = spec.submodule_search_locations[0]
+    links = os.path.join(cache_dir, "tensorrt_rtx_links")
+    os.makedirs(links, exist_ok=True)
+    for name in os.listdir(libs):
+        if ".so." in name:
+            link = os.path.join(links, name.split(".so.")[0] + ".so")
+            if not os.path.islink(link):
+                try:
+                    os.symlink(os.path.join(libs, name), link)
+                except FileExistsError:
+                    pass
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (links, libs, env.get("LD_LIBRARY_PATH")) if p)
+    return env
+
+
+def build_engine(onnx_path: str, out_dir: str, *, sm: int, attention: str, max_batch: int = 1,
+                 max_prefill: int = 512, max_past: int = 4096, flavour: str | None = None) -> dict:
+    """Build in a child process (see module docstring); returns the manifest record."""
+    cache = os.environ.get("BELLE_EDGE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "belle_edge"))
+    request = {"onnx": onnx_path, "out_dir": out_dir, "sm": sm, "attention": attention, "max_batch": max_batch,
+               "max_prefill": max_prefill, "max_past": max_past, "flavour": flavour}
+    result = subprocess.run([sys.executable, "-m", __name__, json.dumps(request)], capture_output=True, text=True,
+                            env=library_env(cache))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        reply = json.loads(lines[-1]) if lines else {}
+        detail = reply.get("error") or (result.stderr.strip().splitlines() or ["the builder process died"])[-1]
+        raise EngineBuildError(f"engine build failed: {detail} (log: {os.path.join(out_dir, LOG_FILE)})")
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------------------- child process
+def _build(req: dict) -> dict:
+    t0 = time.perf_counter()
+    trt, flavour = import_tensorrt(req["flavour"])
+    log_path = os.path.join(req["out_dir"], LOG_FILE)
+    log = open(log_path, "w")
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            log.write(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}\n")
+
+    logger = Logger()
+    plugin = req["attention"] == "plugin"
+    if plugin:
+        from .trt_plugin import NAME, NAMESPACE, VERSION, register
+
+        creator = register(trt)  # noqa: F841  (kept alive for the build)
+    builder = trt.Builder(logger)
+    network = builder.create_network(_network_flags(trt, flavour))
+    parser = trt.OnnxParser(network, logger)
+    if plugin and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not parser.parse_from_file(req["onnx"]):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"the ONNX parser refused the model: {errors}")
+    layer_types = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
+    plugin_layers = layer_types.count("PLUGIN_V3")
+
+    config = builder.create_builder_config()
+    if flavour == "tensorrt_rtx":
+        if req["sm"] not in RTX_SMS:
+            raise RuntimeError(f"TensorRT-RTX cannot build for sm_{req['sm']} (it builds {RTX_SMS})")
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{req['sm']}"), 0)
+    profiles = _profiles(trt, builder, network, config, req)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT returned no engine (see the build log)")
+    engine_path = os.path.join(req["out_dir"], ENGINE_FILE)
+    with open(engine_path, "wb") as f:
+        f.write(serialized)
+    log.close()
+    engine = bytes(serialized)
+    record = {
+        "engine": ENGINE_FILE, "log": LOG_FILE, "tensorrt": flavour, "tensorrt_version": trt.__version__,
+        "sm": req["sm"], "attention": req["attention"], "layers": len(layer_types), "plugin_layers": plugin_layers,
+        "profiles": profiles, "bytes": len(engine), "seconds": round(time.perf_counter() - t0, 2),
+        "builder_peak_rss_mb": round(_peak_rss_mb(), 1),  # the child process that ran TensorRT
+    }
+    if flavour == "tensorrt_rtx":
+        record["compute_capability"] = str(config.get_compute_capability(0)).rsplit(".", 1)[-1]
+    if plugin:
+        record["plugin"] = {"name": NAME, "version": VERSION, "namespace": NAMESPACE,
+                            "in_engine": NAME.encode() in engine}
+    return record
+
+
+def _network_flags(trt, flavour: str) -> int:
+    if flavour == "tensorrt" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)  # precision from the ONNX, as RTX
+    return 0
+
+
+def _profiles(trt, builder, network, config, req) -> list[dict]:
+    """Prefill and decode profiles over (batch, new tokens, past tokens); returns their ranges."""
+    b, prefill, past = req["max_batch"], req["max_prefill"], req["max_past"]
+    ranges = []
+    for name, (t_min, t_opt, t_max) in (("prefill", (1, min(64, prefill), prefill)), ("decode", (1, 1, 1))):
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            dims = list(tensor.shape)
+            if tensor.name == "num_logits_to_keep":
+                profile.set_shape_input(tensor.name, [1], [1], [t_max])
+            elif tensor.name in ("mask_window", "mask_sinks"):
+                continue
+            elif tensor.name.startswith("past_key_values."):
+                profile.set_shape(tensor.name, (1, dims[1], 0, dims[3]), (1, dims[1], min(256, past), dims[3]),
+                                  (b, dims[1], past, dims[3]))
+            elif tensor.name.startswith("past_"):
+                profile.set_shape(tensor.name, (1, 0), (1, min(256, past)), (b, past))
+            else:  # input_ids, position_ids, turn_ids
+                profile.set_shape(tensor.name, (1, t_min), (1, t_opt), (b, t_max))
+        config.add_optimization_profile(profile)
+        ranges.append({"name": name, "batch": [1, b], "new_tokens": [t_min, t_max], "past": [0, past]})
+    return ranges
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+if __name__ == "__main__":
+    try:
+        print(json.dumps(_build(json.loads(sys.argv[1]))))
+    except Exception as e:  # reported to the parent as one line
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        sys.exit(1)

@@ -1,0 +1,72 @@
+"""Real TensorRT engines, built ahead of time with TensorRT-RTX and no GPU (DESIGN.md), for rtx3090 (SM86)
+and a100 (SM80), with our attention plugin and with TensorRT's native attention. No mocks of TensorRT."""
+import json
+import os
+
+import pytest
+
+from belle_edge.compile.pipeline import CompileConfig, compile_model
+from belle_edge.errors import InputError
+from belle_edge.manifest import read_manifest
+
+from conftest import make_tiny_bloom
+
+trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install 'belle_edge[trt]')")
+
+
+@pytest.fixture(scope="module")
+def tiny_bloom_source(tmp_path_factory, tiny_tokenizer):
+    path = str(tmp_path_factory.mktemp("bloom_src"))
+    make_tiny_bloom(path, tiny_tokenizer, layers=2, heads=4)
+    return path
+
+
+def _build(out, model, target, attention):
+    m = compile_model(CompileConfig(out=str(out), model=model, target=target, precision="fp16",
+                                    attention=attention, max_kv_tokens=1024, max_prefill=128), progress=False)
+    return m, {s["name"]: s for s in m["stages"]}["build"]
+
+
+@pytest.mark.parametrize("target,sm", [("rtx3090", 86), ("a100", 80)])
+@pytest.mark.parametrize("attention", ["plugin", "native"])
+def test_tiny_bloom_engines_carry_their_target_and_attention(tmp_path, tiny_bloom_source, target, sm, attention):
+    m, build = _build(tmp_path / "art", tiny_bloom_source, target, attention)
+    assert build["tensorrt"] == "tensorrt_rtx" and build["compute_capability"] == f"SM{sm}" and build["sm"] == sm
+    assert build["plugin_layers"] == (2 if attention == "plugin" else 0)
+    if attention == "plugin":
+        assert build["plugin"] == {"name": "DynamicMaskAttention", "version": "1", "namespace": "belle",
+                                   "in_engine": True}
+    assert [p["name"] for p in build["profiles"]] == ["prefill", "decode"]
+    assert build["profiles"][0]["past"] == [0, 1024] and build["profiles"][1]["new_tokens"] == [1, 1]
+    assert build["builder_peak_rss_mb"] > 0 and build["seconds"] > 0
+    art = read_manifest(str(tmp_path / "art"), verify_hashes=True)
+    assert art["runtime"]["backend"] == "tensorrt" and art["runtime"]["engine"] == "model.engine"
+    assert os.path.getsize(tmp_path / "art" / "model.engine") == build["bytes"] > 0
+    log = (tmp_path / "art" / "build.log").read_text()
+    assert "[ERROR]" not in log
+
+
+def test_an_orin_artifact_leaves_the_engine_to_the_device(tmp_path, tiny_bloom_source):
+    m = compile_model(CompileConfig(out=str(tmp_path / "orin"), model=tiny_bloom_source, target="orin-nano",
+                                    precision="fp16", max_kv_tokens=1024), progress=False)
+    assert [s["name"] for s in m["stages"]] == ["load", "export", "package"]
+    assert m["runtime"]["engine"] is None and m["runtime"]["engine_built_on_device"] and m["runtime"]["sm"] == 87
+
+
+@pytest.mark.parametrize("target,precision,message", [
+    ("rtx3090", "int4", "fp16/bf16 only"),
+    ("a100", "fp8", "precision 'fp8' is not available on target a100"),
+    ("rtx3090", "fp32", "precision 'fp32' is not available on target rtx3090"),
+])
+def test_gpu_targets_refuse_what_they_cannot_build(tmp_path, tiny_bloom_source, target, precision, message):
+    with pytest.raises(InputError, match=message):
+        CompileConfig(out=str(tmp_path / "x"), model=tiny_bloom_source, target=target, precision=precision)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rtx3090", "a100"])
+@pytest.mark.parametrize("attention", ["plugin", "native"])
+def test_default_model_engines(tmp_path, default_checkpoint, target, attention):
+    m, build = _build(tmp_path / "art", None, target, attention)
+    assert build["plugin_layers"] == (30 if attention == "plugin" else 0)
+    print(json.dumps({k: v for k, v in build.items() if k != "profiles"}))
