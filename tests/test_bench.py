@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 
 def test_bench_reports_every_variant_with_medians_and_ratios(tiny_llama_dir, tmp_path):
