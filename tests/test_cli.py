@@ -82,7 +82,10 @@ def test_interactive_chat_commands_and_ctrl_c(tiny_llama_dir, tmp_path):
     proc = subprocess.Popen([*CLI, "chat", tiny_llama_dir, "--max-new-tokens", "100000", "--max-kv-tokens", "4096",
                              "--max-positions", "4096"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # a shell running us in the background ignores SIGINT, and children inherit that;
+                            # give the chat the default disposition a user's terminal gives it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = bytearray()
     threading.Thread(target=lambda: [seen.extend(b) for b in iter(lambda: proc.stdout.read1(4096), b"")],
                      daemon=True).start()
