@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--block-size", type=int, default=32, help="quantization block size (default 32)")
     comp.add_argument("--attention", default="plugin", help="GPU targets: plugin (ours) | native (TensorRT's)")
     comp.add_argument("--max-kv-tokens", type=int, default=4096, help="KV cache to budget and build for")
+    comp.add_argument("--no-engine", action="store_true",
+                      help="GPU targets: export only; build the engine later with `belle-edge build-engine`")
+
+    beng = sub.add_parser("build-engine", help="build the TensorRT engine of a GPU artifact (e.g. on the Jetson)")
+    beng.add_argument("artifact")
+    beng.add_argument("--tensorrt", choices=("tensorrt", "tensorrt_rtx"), help="which TensorRT (default: any)")
     comp.add_argument("--force", action="store_true", help="replace an existing --out")
     comp.add_argument("--chat-format", default="auto", help="auto | template | belle | belle-v2")
     comp.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle weights")
@@ -94,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
             return _compile(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "build-engine":
+            from .compile.pipeline import build_artifact_engine
+
+            record = build_artifact_engine(args.artifact, flavour=args.tensorrt)
+            print(f"built {args.artifact}/{record['engine']} for sm_{record['sm']} with {record['tensorrt']} "
+                  f"{record['tensorrt_version']} in {record['seconds']} s ({record['bytes'] / 2**20:.0f} MB)")
+            return 0
         if args.command == "bench":
             from benchmarks.latency import run as run_bench
 
@@ -115,7 +128,8 @@ def _compile(args) -> int:
 
     config = CompileConfig(out=args.out, model=args.model, target=args.target, precision=args.precision,
                            force=args.force, chat_format=args.chat_format, allow_pickle=args.allow_pickle,
-                           block_size=args.block_size, attention=args.attention, max_kv_tokens=args.max_kv_tokens)
+                           block_size=args.block_size, attention=args.attention, max_kv_tokens=args.max_kv_tokens,
+                           engine=not args.no_engine)
     manifest = compile_model(config, progress=not args.no_progress)
     print(f"wrote {args.out}")
     _print_manifest(manifest)

@@ -51,9 +51,11 @@ def write_manifest(folder: str, manifest: dict) -> dict:
     """Write ``manifest`` with the file list added; returns what was written."""
     manifest = dict(manifest)
     manifest["files"] = {name: file_record(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-                         if name != MANIFEST and os.path.isfile(os.path.join(folder, name))}
-    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+                         if name != MANIFEST and not name.startswith(".") and os.path.isfile(os.path.join(folder, name))}
+    tmp = os.path.join(folder, f".{MANIFEST}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, os.path.join(folder, MANIFEST))  # an existing manifest is replaced whole or not at all
     return manifest
 
 

@@ -74,3 +74,51 @@ def test_default_model_engines(tmp_path, default_checkpoint, target, attention):
     weights = int(log.split("Total Weights Memory: ")[1].split()[0])
     assert weights < 1.05 * m["files"]["model.onnx.data"]["bytes"]  # the fp16 weights, stored once
     print(json.dumps({k: v for k, v in build.items() if k != "profiles"}))
+
+
+def test_an_engine_can_be_built_later_without_torch(tmp_path, tiny_bloom_source):
+    """What the Jetson does with an artifact compiled on a host: `belle-edge build-engine`, no torch."""
+    import subprocess
+    import sys
+    import textwrap
+
+    art = tmp_path / "later"
+    m = compile_model(CompileConfig(out=str(art), model=tiny_bloom_source, target="rtx3090", precision="fp16",
+                                    engine=False, max_kv_tokens=512, max_prefill=64), progress=False)
+    assert m["runtime"]["engine"] is None and "build" not in [s["name"] for s in m["stages"]]
+    script = textwrap.dedent('''
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "onnxruntime"):
+                    raise ImportError(f"{name} is blocked in this test")
+
+        sys.meta_path.insert(0, Block())
+        from belle_edge.cli import main
+        code = main(["build-engine", sys.argv[1]])
+        assert "torch" not in sys.modules
+        sys.exit(code)
+    ''')
+    result = subprocess.run([sys.executable, "-c", script, str(art)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "built" in result.stdout and "sm_86" in result.stdout
+    after = read_manifest(str(art), verify_hashes=True)
+    assert after["runtime"]["engine"] == "model.engine" and after["stages"][-1]["name"] == "build"
+    assert {"model.engine", "build.log"} <= set(after["files"])
+    again = subprocess.run([sys.executable, "-m", "belle_edge.cli", "build-engine", str(art)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 2 and "already has model.engine" in again.stderr
+
+
+def test_tensorrt_rtx_refuses_to_build_for_orin(tmp_path, tiny_bloom_source):
+    import subprocess
+    import sys
+
+    art = tmp_path / "orin"
+    compile_model(CompileConfig(out=str(art), model=tiny_bloom_source, target="orin-nx", precision="fp16",
+                                max_kv_tokens=512), progress=False)
+    result = subprocess.run([sys.executable, "-m", "belle_edge.cli", "build-engine", str(art), "--tensorrt",
+                             "tensorrt_rtx"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "cannot build for sm_87" in result.stderr and "Traceback" not in result.stderr
+    assert read_manifest(str(art))["runtime"]["engine"] is None  # the artifact is as it was

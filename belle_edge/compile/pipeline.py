@@ -39,6 +39,7 @@ class CompileConfig:
     fidelity_tokens: int = 512  # held-out tokens for the quantized-vs-fp32 check
     max_kv_tokens: int = 4096  # the KV cache the memory check budgets for
     attention: str = "plugin"  # GPU targets: our plugin layer, or "native" (TensorRT's attention + explicit mask)
+    engine: bool = True  # GPU targets: build the engine here (False: later, with `belle-edge build-engine`)
     max_prefill: int = 512  # GPU engines: the prefill profile's longest chunk
 
     def __post_init__(self):
@@ -69,6 +70,34 @@ def compile_model(config: CompileConfig, *, progress: bool = True) -> dict:
     return manifest
 
 
+def build_artifact_engine(artifact: str, *, flavour: str | None = None) -> dict:
+    """Build the engine of a GPU artifact compiled without one (an Orin artifact, on the Jetson itself).
+
+    Torch-free: it needs the artifact, TensorRT and numpy. The new files are written first and the manifest
+    last, replaced in one rename, so an interrupted build leaves the artifact as it was.
+    """
+    from ..manifest import read_manifest
+    from .build_engine import ENGINE_FILE, LOG_FILE, build_engine
+
+    manifest = read_manifest(artifact)
+    rt = manifest["runtime"]
+    if rt.get("backend") != "tensorrt":
+        raise InputError(f"{artifact}: a {manifest['target']} artifact runs on {rt.get('backend')}; it has no engine "
+                         "to build")
+    if rt.get("engine"):
+        raise InputError(f"{artifact}: already has {rt['engine']}; compile again to rebuild it")
+    t0 = time.perf_counter()
+    with _RssSampler() as rss:
+        record = build_engine(os.path.join(artifact, rt["onnx"]), artifact, sm=rt["sm"], attention=rt["attention"],
+                              max_prefill=rt["max_prefill"], max_past=rt["max_past"], flavour=flavour)
+    record.update(name="build", seconds=round(time.perf_counter() - t0, 2), peak_rss_mb=round(rss.peak / 2**20, 1))
+    manifest["stages"].append(record)
+    manifest["runtime"].update(engine=ENGINE_FILE, engine_built_on_device=False)
+    written = write_manifest(artifact, manifest)  # hashes the new engine and log too; replaced in one rename
+    assert ENGINE_FILE in written["files"] and LOG_FILE in written["files"]
+    return record
+
+
 def _move_into_place(work: str, out: str) -> None:
     old = None
     if os.path.exists(out):
@@ -90,7 +119,7 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
     target = get_target(config.target)
     stages = []
     if target.gpu:
-        builds_here = target.builders != ("tensorrt-on-device",)
+        builds_here = config.engine and target.builders != ("tensorrt-on-device",)
         steps = ["load", "export"] + (["build"] if builds_here else []) + ["package"]
     else:
         steps = ["load"] + (["quantize"] if config.precision in ("int8", "int4") else []) + ["export"] + \
@@ -140,6 +169,9 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
             "runtime": {"backend": "tensorrt" if target.gpu else "onnxruntime", "onnx": "model.onnx",
                         "engine": engine["engine"] if engine else None,
                         "engine_built_on_device": target.gpu and engine is None,
+                        "attention": config.attention if target.gpu else "plugin",
+                        "max_prefill": config.max_prefill,
+                        "max_past": min(config.max_kv_tokens, ckpt.config.max_positions),
                         "sm": target.sm, "kv_dtype": dtype,
                         "max_positions": ckpt.config.max_positions, "stop_token_ids": sorted(ckpt.stop_token_ids),
                         "fingerprint": f"{ckpt.fingerprint}-{config.target}-{config.precision}"},
