@@ -135,19 +135,20 @@ def _build(req: dict) -> dict:
     engine_path = os.path.join(req["out_dir"], ENGINE_FILE)
     with open(engine_path, "wb") as f:
         f.write(serialized)
+    size = serialized.nbytes
+    del serialized, network, parser, builder  # no second copy of the engine in memory
     log.close()
-    engine = bytes(serialized)
     record = {
         "engine": ENGINE_FILE, "log": LOG_FILE, "tensorrt": flavour, "tensorrt_version": trt.__version__,
         "sm": req["sm"], "attention": req["attention"], "layers": len(layer_types), "plugin_layers": plugin_layers,
-        "profiles": profiles, "bytes": len(engine), "seconds": round(time.perf_counter() - t0, 2),
+        "profiles": profiles, "bytes": size, "seconds": round(time.perf_counter() - t0, 2),
         "builder_peak_rss_mb": round(_peak_rss_mb(), 1),  # the child process that ran TensorRT
     }
     if flavour == "tensorrt_rtx":
         record["compute_capability"] = str(config.get_compute_capability(0)).rsplit(".", 1)[-1]
     if plugin:
         record["plugin"] = {"name": NAME, "version": VERSION, "namespace": NAMESPACE,
-                            "in_engine": NAME.encode() in engine}
+                            "in_engine": _file_contains(engine_path, NAME.encode())}
     return record
 
 
@@ -183,6 +184,17 @@ def _profiles(trt, builder, network, config, req, *, merged: bool) -> list[dict]
         config.add_optimization_profile(profile)
         ranges.append({"name": name, "batch": [1, b], "new_tokens": [t_min, t_max], "past": [0, past]})
     return ranges
+
+
+def _file_contains(path: str, needle: bytes, chunk: int = 1 << 22) -> bool:
+    """Whether the file holds ``needle`` (the serialized plugin identity), read in chunks."""
+    tail = b""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False
 
 
 def _peak_rss_mb() -> float:
