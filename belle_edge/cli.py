@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import BelleEdgeError, InputError
+from .errors import BelleEdgeError, InputError, MissingDependencyError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -80,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--verify", action="store_true", help="also check every file's sha256")
     insp.add_argument("--json", action="store_true", help="print the manifest itself")
 
-    from benchmarks.latency import build_parser as bench_parser  # the benchmark lives in benchmarks/
-
-    bench_parser(sub.add_parser("bench", help="latency against transformers and llama.cpp, same run"))
+    bench = sub.add_parser("bench", help="latency against transformers and llama.cpp, same run")
+    try:
+        from benchmarks.latency import build_parser as bench_parser  # the benchmark lives in benchmarks/
+    except ImportError:  # an install without the benchmarks package: every other command still works
+        bench.set_defaults(bench_missing=True)
+    else:
+        bench_parser(bench)
 
     demo = sub.add_parser("demo", help="scripted Chinese/English dialogue with the default model, per-turn stats")
     _add_model_args(demo)
@@ -108,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{record['tensorrt_version']} in {record['seconds']} s ({record['bytes'] / 2**20:.0f} MB)")
             return 0
         if args.command == "bench":
+            if getattr(args, "bench_missing", False):
+                raise MissingDependencyError("the benchmarks package is not installed with belle_edge here; "
+                                             "install from a checkout: pip install -e '.[bench]'")
             from benchmarks.latency import run as run_bench
 
             return run_bench(args)

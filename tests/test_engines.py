@@ -52,6 +52,12 @@ def test_an_orin_artifact_leaves_the_engine_to_the_device(tmp_path, tiny_bloom_s
                                     precision="fp16", max_kv_tokens=1024), progress=False)
     assert [s["name"] for s in m["stages"]] == ["load", "export", "package"]
     assert m["runtime"]["engine"] is None and m["runtime"]["engine_built_on_device"] and m["runtime"]["sm"] == 87
+    # until its engine exists (and for any machine without TensorRT) it chats from its portable fp16 ONNX
+    from belle_edge import load
+
+    model = load(str(tmp_path / "orin"))
+    assert model.backend_name == "onnxruntime"
+    assert model.session(max_new_tokens=4).send("你好").stats.new_tokens >= 1
 
 
 @pytest.mark.parametrize("target,precision,message", [
