@@ -24,6 +24,7 @@ Canonical parameter names (``{i}`` = layer)::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -92,6 +93,23 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+@dataclass
+class FusedInputs:
+    """What the fused attention op (``belle::dynamic_mask_attention``, belle_edge/ops) reads, on the device.
+
+    Everything that changes between decode steps is a tensor, so one captured CUDA graph replays every step.
+    """
+    start: torch.Tensor          # int32 (1,): cache slots before the new tokens
+    q_pos: torch.Tensor          # int64 (1, T)
+    q_turn: torch.Tensor         # int64 (1, T)
+    k_pos: torch.Tensor          # int64 (1, capacity): the session's key table
+    k_turn: torch.Tensor
+    window: torch.Tensor         # int64 (1,); WINDOW_OFF = plain causal
+    sinks: torch.Tensor          # int64 (1,)
+    inv_freq: torch.Tensor | None  # fp32 (D/2,) for RoPE (the op rotates q and the new k), None for ALiBi
+    max_keys: int                # the cache capacity: sizes the decode kernel's grid
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -104,13 +122,20 @@ class Attention(nn.Module):
         if cfg.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads))
 
-    def forward(self, x, mask_bias, rel_pos, rope, cache: KVCache | None, start: int):
+    def forward(self, x, mask_bias, rel_pos, rope, cache: KVCache | None, start: int,
+                fused: FusedInputs | None = None):
         # x: (B, T, C); mask_bias: (T, K) float, 0 or -inf; rel_pos: (T, K) p_k - p_q; rope: (cos, sin) or None
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if fused is not None:  # the kernels: RoPE, cache write, mask and attention in one op
+            out = torch.ops.belle.dynamic_mask_attention(
+                q, k, v, cache.k, cache.v, fused.start, fused.q_pos, fused.q_turn, fused.k_pos, fused.k_turn,
+                fused.window, fused.sinks, self.alibi_slopes if cfg.positions == "alibi" else None, fused.inv_freq,
+                1.0 / math.sqrt(cfg.head_dim), fused.max_keys)
+            return self.o_proj(out)
         if rope is not None:
             q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
         if cache is not None:
@@ -147,8 +172,8 @@ class Block(nn.Module):
         self.mlp_norm = _make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask_bias, rel_pos, rope, cache, start):
-        x = x + self.attn(self.attn_norm(x), mask_bias, rel_pos, rope, cache, start)
+    def forward(self, x, mask_bias, rel_pos, rope, cache, start, fused=None):
+        x = x + self.attn(self.attn_norm(x), mask_bias, rel_pos, rope, cache, start, fused)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -174,14 +199,18 @@ class Decoder(nn.Module):
                 for _ in range(self.cfg.num_layers)]
 
     def forward(self, input_ids, positions, turns, mask: MaskConfig, *, caches: list[KVCache] | None = None,
-                start: int = 0, key_positions=None, key_turns=None, last_only: bool = False) -> torch.Tensor:
+                start: int = 0, key_positions=None, key_turns=None, last_only: bool = False,
+                fused: FusedInputs | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only``.
 
         input_ids: (B, T). positions, turns: (T,) absolute position and turn of each new token.
         With ``caches``, the new K/V go to slots [start, start+T) and attention covers slots [0, start+T),
         whose positions and turns are ``key_positions`` / ``key_turns`` (start+T,). Without, the keys are
-        the new tokens themselves.
+        the new tokens themselves. With ``fused`` (CUDA, ``caches`` required), ``input_ids`` is a device
+        tensor and the tables come from ``fused`` instead of the arguments.
         """
+        if fused is not None:
+            return self._forward_fused(input_ids, caches, fused, last_only)
         device = self.embed.weight.device
         input_ids = _as_tensor(input_ids, device)
         q_pos, q_turn = _as_tensor(positions, device), _as_tensor(turns, device)
@@ -197,6 +226,19 @@ class Decoder(nn.Module):
             x = self.embed_norm(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask_bias, rel_pos, rope, None if caches is None else caches[i], start)
+        return self._head(x, last_only)
+
+    def _forward_fused(self, input_ids, caches, fused: FusedInputs, last_only: bool) -> torch.Tensor:
+        from ..ops import attention  # noqa: F401  (registers torch.ops.belle.dynamic_mask_attention)
+
+        x = self.embed(input_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, None, None, None, cache, 0, fused)
+        return self._head(x, last_only)
+
+    def _head(self, x, last_only: bool) -> torch.Tensor:
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

@@ -1,0 +1,1 @@
+"""Custom ops over kernels/: the fused turn-window attention (``attention``) and its nvcc build (``build``)."""

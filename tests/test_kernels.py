@@ -1,0 +1,84 @@
+"""kernels/ on a machine without a GPU: nvcc compiles them for every target, with no spills in the hot
+kernels; and the fused-attention path of the canonical decoder (the torch op, whose CPU implementation is
+the reference) gives the same logits as the model's own attention. The kernels themselves are checked
+against the reference on a GPU: tests/gpu/test_kernels.py."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from belle_edge.compile.load import load_checkpoint
+from belle_edge.mask import WINDOW_OFF, MaskConfig, retained
+from belle_edge.models.decoder import Decoder, FusedInputs
+from belle_edge.ops.build import CI_ARCHS, HOT_KERNELS, compile_check, kernels_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_kernels_compile_for_every_target_without_spills():
+    out = os.path.join(ROOT, "kernels", "build", "ci")  # kept after the run: ptxas.log is the build log
+    report = compile_check(CI_ARCHS, out_dir=out)
+    hot = [k for k in report["kernels"] if any(h in k["name"] for h in HOT_KERNELS)]
+    for arch in CI_ARCHS:
+        names = " ".join(k["name"] for k in hot if k["arch"] == arch)
+        assert "prefill_kernel" in names and "decode_kernel" in names, f"sm_{arch}: hot kernels missing"
+    spilling = [f"sm_{k['arch']} {k['name']}: {k['spill_bytes']} B" for k in hot if k["spill_bytes"]]
+    assert not spilling, f"hot kernels spill registers (see {report['log']}): {spilling[:3]}"
+    worst = max(hot, key=lambda k: k["registers"])
+    print(f"{len(report['kernels'])} kernels compiled for {', '.join(f'sm_{a}' for a in CI_ARCHS)}; no spills in "
+          f"{len(hot)} hot ones; most registers {worst['registers']} (sm_{worst['arch']}); log {report['log']}")
+
+
+def test_kernel_sources_are_found():
+    root = kernels_dir()
+    assert os.path.isfile(os.path.join(root, "include", "belle_attention.h"))
+    assert {"prefill.cu", "decode.cu", "write_kv.cu", "api.cu"} <= set(os.listdir(os.path.join(root, "src")))
+
+
+def _fused_inputs(model, kpos, kturn, start, new, mask, capacity):
+    cfg = model.cfg
+    k_pos = torch.zeros(1, capacity, dtype=torch.long)
+    k_turn = torch.zeros(1, capacity, dtype=torch.long)
+    k_pos[0, :len(kpos)] = torch.tensor(kpos)
+    k_turn[0, :len(kturn)] = torch.tensor(kturn)
+    inv_freq = None
+    if cfg.positions == "rope":
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    return FusedInputs(start=torch.tensor([start], dtype=torch.int32), q_pos=torch.tensor([kpos[start:]]),
+                       q_turn=torch.tensor([kturn[start:]]), k_pos=k_pos, k_turn=k_turn,
+                       window=torch.tensor([WINDOW_OFF if mask.window is None else mask.window]),
+                       sinks=torch.tensor([mask.sinks]), inv_freq=inv_freq, max_keys=capacity)
+
+
+@pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_bloom_dir"])
+def test_fused_attention_path_equals_the_models_attention(request, which):
+    """Prefill chunks and decode steps over three turns with eviction: the op (RoPE/ALiBi, cache write,
+    mask from the tables) must reproduce Attention's SDPA path."""
+    ckpt = load_checkpoint(request.getfixturevalue(which))
+    model = Decoder.from_state_dict(ckpt.config, ckpt.state_dict)
+    capacity, mask = 128, MaskConfig(window=1, sinks=2)
+    caches = {"ref": model.new_caches(capacity), "fused": model.new_caches(capacity)}
+    rng = np.random.default_rng(0)
+    kpos, kturn, p, worst = [], [], 0, 0.0
+    with torch.no_grad():
+        for turn in (1, 2, 3):
+            keep = np.flatnonzero(retained(np.array(kpos, dtype=np.int64), np.array(kturn, dtype=np.int64), turn, mask))
+            for cs in caches.values():
+                for c in cs:
+                    c.keep(torch.as_tensor(keep))
+            kpos, kturn = [kpos[i] for i in keep], [kturn[i] for i in keep]
+            for size in (int(rng.integers(3, 12)), 1, 1, 1):
+                ids = torch.as_tensor(rng.integers(0, ckpt.config.vocab_size, size))[None]
+                start = len(kpos)
+                kpos += list(range(p, p + size))
+                kturn += [turn] * size
+                p += size
+                ref = model(ids, np.array(kpos[start:]), np.array(kturn[start:]), mask, caches=caches["ref"],
+                            start=start, key_positions=np.array(kpos), key_turns=np.array(kturn))
+                fused = model(ids, None, None, mask, caches=caches["fused"],
+                              fused=_fused_inputs(model, kpos, kturn, start, size, mask, capacity))
+                worst = max(worst, (ref - fused).abs().max().item())
+    assert worst < 1e-4, worst
