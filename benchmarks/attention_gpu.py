@@ -146,6 +146,38 @@ def ours_decode(decoder, prompt, new_tokens, capacity=4096):
     return 1.0 / statistics.median(times[2:])  # after the capture
 
 
+def profile_decode(decoder, prompt, steps: int = 8, top: int = 12) -> list[dict]:
+    """Where a fused decode step's GPU time goes: the top kernels by total time over a few eager steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from belle_edge.runtime.backends.torch_backend import TorchBackend
+
+    backend = TorchBackend(decoder, 1024, fused=True, cuda_graphs=False)
+    mask = MaskConfig.off()
+    pos = np.arange(len(prompt))
+    turns = np.ones(len(prompt), dtype=np.int64)
+    backend.forward(prompt, pos, turns, start=0, key_positions=pos, key_turns=turns, mask=mask)
+    kp, kt = list(pos), list(turns)
+
+    def step():
+        p = len(kp)
+        kp.append(p)
+        kt.append(1)
+        backend.forward(np.array([1]), np.array([p]), np.array([1]), start=p, key_positions=np.array(kp),
+                        key_turns=np.array(kt), mask=mask)
+
+    step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]:
+        rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps,
+                     "us_per_step": round(e.device_time_total / steps, 1)})
+    return rows
+
+
 def transformers_decode(model, prompt, new_tokens):
     ids = torch.as_tensor(prompt, device="cuda")[None]
     kwargs = dict(do_sample=False, pad_token_id=0)
@@ -227,6 +259,14 @@ def main(argv=None):
             "speedup": round(ours / theirs, 2), "roofline_tok_s": round(roof, 1),
             "roofline_share": round(ours / roof, 3)}
         print(json.dumps(result["e2e"]))
+        try:
+            result["decode_profile"] = profile_decode(decoder, prompt)
+            total = sum(r["us_per_step"] for r in result["decode_profile"])
+            print(f"decode step profile (top kernels, {total:.0f} us/step of GPU time among them):")
+            for r in result["decode_profile"]:
+                print(f"  {r['us_per_step']:8.1f} us  x{r['calls_per_step']:.0f}  {r['kernel']}")
+        except Exception as e:  # the profiler is an aid, not a figure the run depends on
+            print(f"decode profile skipped: {type(e).__name__}: {e}")
         del model
         result["dialogue"] = [dialogue_turn20(decoder, window=w) for w in (3, None)]
         for row in result["dialogue"]:

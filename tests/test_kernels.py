@@ -1,7 +1,7 @@
 """kernels/ on a machine without a GPU: nvcc compiles them for every target, with no spills in the hot
 kernels; and the fused-attention path of the canonical decoder (the torch op, whose CPU implementation is
 the reference) gives the same logits as the model's own attention. The kernels themselves are checked
-against the reference on a GPU: tests/gpu/test_kernels.py."""
+against the reference on a GPU: tests/gpu/test_kernels_cuda.py."""
 import os
 import shutil
 

@@ -16,6 +16,7 @@ import numpy as np
 
 NAME, VERSION, NAMESPACE = "DynamicMaskAttention", "1", "belle"
 INT_INPUTS = (5, 6, 7, 8, 9, 10)
+DECODE_KEYS_PER_SPLIT = 128  # kernels/src/decode.cu MIN_KEYS_PER_SPLIT: sizes the decode workspace
 FIELDS = (("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"))
 
 
@@ -64,7 +65,12 @@ def make_creator(trt):
             pass
 
         def get_workspace_size(self, inputs, outputs):
-            return 0
+            # The engine keeps the size the build-time plugin reports, and the C++ plugin's decode needs it:
+            # belle_attention_workspace_size's GPU-independent bound (kernels/include/belle_attention.h).
+            batch = int(inputs[0].max[0])
+            keys = int(inputs[3].max[2]) + int(inputs[1].max[2])
+            heads, dim = int(self.fields["num_heads"]), int(self.fields["head_dim"])
+            return batch * heads * -(-keys // DECODE_KEYS_PER_SPLIT) * (dim + 2) * 4
 
         def get_fields_to_serialize(self):
             return trt.PluginFieldCollection([

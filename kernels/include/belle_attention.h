@@ -63,7 +63,8 @@ typedef struct {
   void* workspace;              // decode partial results; belle_attention_workspace_size bytes
 } BelleAttentionParams;
 
-// Bytes of workspace a call with these params needs (0 for prefill).
+// Bytes of workspace a call with these params needs (0 for prefill): batch * num_heads *
+// ceil(max_keys / 128) * (head_dim + 2) * 4, whatever the GPU, so an engine built without one sizes it right.
 size_t belle_attention_workspace_size(const BelleAttentionParams* p);
 
 // Enqueue the work on `stream` (a cudaStream_t). Returns 0 (cudaSuccess) or a CUDA error code; a

@@ -36,7 +36,7 @@ int check(const BelleAttentionParams* p) {
 
 extern "C" size_t belle_attention_workspace_size(const BelleAttentionParams* p) {
   if (!p || p->new_tokens != 1) return 0;
-  return static_cast<size_t>(p->batch) * p->num_heads * belle::decode_splits(*p) * (p->head_dim + 2) *
+  return static_cast<size_t>(p->batch) * p->num_heads * belle::decode_splits_bound(*p) * (p->head_dim + 2) *
          sizeof(float);
 }
 

@@ -13,7 +13,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 #define kNegInf (-__int_as_float(0x7f800000))  // -inf; constexpr cannot call the intrinsic
 
 // The turn-window rule of belle_edge/mask.py (`visible`), the single definition of the project, restated
-// here only because device code cannot call Python; tests/gpu/test_kernels.py checks these kernels against
+// here only because device code cannot call Python; tests/gpu/test_kernels_cuda.py checks these kernels against
 // the reference attention that calls mask.visible, over random turn layouts and window/sink settings.
 __device__ __forceinline__ bool visible(int64_t q_pos, int64_t q_turn, int64_t k_pos, int64_t k_turn,
                                         int64_t window, int64_t sinks) {
@@ -25,6 +25,7 @@ template <typename T> struct Dtype;
 template <> struct Dtype<__half> {
   using Pair = __half2;
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ float bits_to_float(unsigned short b) { return __half2float(__ushort_as_half(b)); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -43,6 +44,9 @@ template <> struct Dtype<__half> {
 template <> struct Dtype<__nv_bfloat16> {
   using Pair = __nv_bfloat162;
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ float bits_to_float(unsigned short b) {
+    return __bfloat162float(__ushort_as_bfloat16(b));
+  }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -57,13 +61,27 @@ template <> struct Dtype<__nv_bfloat16> {
   }
 };
 
+// Eight 16-bit values packed in 16 bytes -> floats, by bit operations (taking the address of a register
+// array would put it in local memory).
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4 raw, float out[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = Dtype<T>::bits_to_float(static_cast<unsigned short>(w[i] & 0xffffu));
+    out[2 * i + 1] = Dtype<T>::bits_to_float(static_cast<unsigned short>(w[i] >> 16));
+  }
+}
+
 // The start slot: a host value, or read from device memory (so a captured CUDA graph replays any length).
 __device__ __forceinline__ int load_start(const BelleAttentionParams& p) {
   return p.start_device ? *p.start_device : p.start;
 }
 
 // LLaMA's half-split RoPE angle for dimension pair i (of head_dim / 2) at position pos, in fp32 as the
-// reference (models/decoder.py rope_tables) computes it.
+// reference (models/decoder.py rope_tables) computes it. Accurate sincosf keeps a 32-byte local array for
+// its slow range reduction (|angle| > 105615, never reached by real positions): the "32 bytes stack frame"
+// ptxas reports for kernels with RoPE; it is not a spill.
 __device__ __forceinline__ void rope_cos_sin(const float* inv_freq, int i, int64_t pos, float& c, float& s) {
   sincosf(static_cast<float>(pos) * inv_freq[i], &s, &c);
 }

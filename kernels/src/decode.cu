@@ -29,10 +29,7 @@ __device__ __forceinline__ void merge(float& m, float& l, float* acc, float m2, 
 
 template <typename T>
 __device__ __forceinline__ void load8(const T* src, float out[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const T* x = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) out[e] = Dtype<T>::to_float(x[e]);
+  unpack8<T>(*reinterpret_cast<const uint4*>(src), out);
 }
 
 template <typename T, int D, int G>
@@ -47,6 +44,9 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(BelleAttentionParams p)
   const int n_keys = load_start(p) + 1;
   const int chunk = (p.max_keys + splits - 1) / splits;
   const int begin = split * chunk, end = min(n_keys, begin + chunk);
+  // The grid is sized for the cache's capacity (so a captured graph serves every length): chunks past the
+  // keys held now leave at once, and the combine pass reads only the live ones.
+  if (begin >= n_keys) return;
   const int64_t window = *p.window, sinks = *p.sinks;
   const int64_t qp = p.q_pos[b * p.q_table_stride], qt = p.q_turn[b * p.q_table_stride];
 
@@ -54,6 +54,11 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(BelleAttentionParams p)
   // does, then scaled into log2 units.
   float q[G][8], slope[G], m[G], l[G], acc[G][8];
   const int d0 = part * 8;
+  float cs[8], sn[8];  // RoPE angles of this lane's dimensions: the same for every head of the group
+  if (p.rope_inv_freq) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) rope_cos_sin(p.rope_inv_freq, (d0 + e) % (D / 2), qp, cs[e], sn[e]);
+  }
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const int h = hk * G + g;
@@ -65,9 +70,7 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(BelleAttentionParams p)
       load8(qh + (low ? d0 + D / 2 : d0 - D / 2), partner);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        float cs, sn;
-        rope_cos_sin(p.rope_inv_freq, (d0 + e) % (D / 2), qp, cs, sn);
-        const float y = low ? q[g][e] * cs - partner[e] * sn : q[g][e] * cs + partner[e] * sn;
+        const float y = low ? q[g][e] * cs[e] - partner[e] * sn[e] : q[g][e] * cs[e] + partner[e] * sn[e];
         q[g][e] = DT::to_float(DT::from_float(y));
       }
     }
@@ -86,41 +89,57 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(BelleAttentionParams p)
   const int64_t* kpos = p.k_pos + b * p.k_table_stride;
   const int64_t* kturn = p.k_turn + b * p.k_table_stride;
 
-  for (int base = begin + warp * KPW; base < end; base += WARPS * KPW) {  // warp-uniform bounds
-    const int j = base + sub;
-    const bool valid = j < end;
-    const int64_t kp = valid ? kpos[j] : 0, kt = valid ? kturn[j] : 0;
-    const bool vis = valid && visible(qp, qt, kp, kt, window, sinks);
-    if (!__any_sync(0xffffffffu, vis)) continue;  // a whole step outside the window: no K/V read
-    float k[8], v[8];
-    if (vis) {
-      load8(kg + static_cast<int64_t>(j) * D + d0, k);
-      load8(vg + static_cast<int64_t>(j) * D + d0, v);
-    } else {
+  // U key steps per iteration: their K/V loads are all issued before any is used, so a warp keeps several
+  // 16-byte loads in flight (decode is bound by memory latency as much as by bandwidth). Fewer for large G,
+  // whose per-head state already fills the registers.
+  constexpr int U = G <= 2 ? 4 : (G <= 4 ? 2 : 1);
+  for (int base = begin + warp * KPW * U; base < end; base += WARPS * KPW * U) {  // warp-uniform bounds
+    int64_t kp[U];
+    bool vis[U];
+    bool any = false;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) k[e] = v[e] = 0.f;
+    for (int u = 0; u < U; ++u) {
+      const int j = base + u * KPW + sub;
+      const bool valid = j < end;
+      kp[u] = valid ? kpos[j] : 0;
+      vis[u] = valid && visible(qp, qt, kp[u], valid ? kturn[j] : 0, window, sinks);
+      any |= vis[u];
     }
-    float dot[G];
+    if (!__any_sync(0xffffffffu, any)) continue;  // whole steps outside the window: no K/V read
+    uint4 kraw[U], vraw[U];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float sum = 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) sum = fmaf(q[g][e], k[e], sum);
-#pragma unroll
-      for (int off = LANES / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      dot[g] = sum;
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + u * KPW + sub;
+      kraw[u] = vis[u] ? *reinterpret_cast<const uint4*>(kg + j * D + d0) : make_uint4(0, 0, 0, 0);
+      vraw[u] = vis[u] ? *reinterpret_cast<const uint4*>(vg + j * D + d0) : make_uint4(0, 0, 0, 0);
     }
-    if (!vis) continue;
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float s = dot[g] + slope[g] * static_cast<float>(kp - qp);
-      const float mx = fmaxf(m[g], s);
-      const float f = m[g] == kNegInf ? 0.f : exp2f(m[g] - mx);
-      const float pe = exp2f(s - mx);
-      l[g] = l[g] * f + pe;
+    for (int u = 0; u < U; ++u) {
+      float k[8], v[8];
+      unpack8<T>(kraw[u], k);
+      unpack8<T>(vraw[u], v);
+      float dot[G];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(acc[g][e], f, pe * v[e]);
-      m[g] = mx;
+      for (int g = 0; g < G; ++g) {
+        float sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum = fmaf(q[g][e], k[e], sum);
+#pragma unroll
+        for (int off = LANES / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        dot[g] = sum;
+      }
+      if (!vis[u]) continue;
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float sc = dot[g] + slope[g] * static_cast<float>(kp[u] - qp);
+        const float mx = fmaxf(m[g], sc);
+        const float f = m[g] == kNegInf ? 0.f : exp2f(m[g] - mx);
+        const float pe = exp2f(sc - mx);
+        l[g] = l[g] * f + pe;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(acc[g][e], f, pe * v[e]);
+        m[g] = mx;
+      }
     }
   }
 
@@ -168,8 +187,10 @@ __global__ void combine_kernel(BelleAttentionParams p, int splits) {
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const float* rec = static_cast<const float*>(p.workspace) +
                      (static_cast<int64_t>(b) * p.num_heads + h) * splits * (D + 2);
+  const int chunk = (p.max_keys + splits - 1) / splits;
+  const int live = min(splits, (load_start(p) + 1 + chunk - 1) / chunk);
   float mm = kNegInf, ll = 0.f, aa = 0.f;
-  for (int s = 0; s < splits; ++s, rec += D + 2) merge<1>(mm, ll, &aa, rec[0], rec[1], rec + 2 + d);
+  for (int s = 0; s < live; ++s, rec += D + 2) merge<1>(mm, ll, &aa, rec[0], rec[1], rec + 2 + d);
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.num_heads + h) * D;
   out[d] = Dtype<T>::from_float(ll > 0.f ? aa / ll : 0.f);
 }
@@ -209,8 +230,12 @@ int decode_splits(const BelleAttentionParams& p) {
       sms = 16;
   }
   const int by_length = std::max(1, (p.max_keys + MIN_KEYS_PER_SPLIT - 1) / MIN_KEYS_PER_SPLIT);
-  const int by_gpu = std::max(1, (4 * sms + p.batch * p.num_kv_heads - 1) / (p.batch * p.num_kv_heads));
+  const int by_gpu = std::max(1, (8 * sms + p.batch * p.num_kv_heads - 1) / (p.batch * p.num_kv_heads));
   return std::min(by_length, by_gpu);
+}
+
+int decode_splits_bound(const BelleAttentionParams& p) {
+  return std::max(1, (p.max_keys + MIN_KEYS_PER_SPLIT - 1) / MIN_KEYS_PER_SPLIT);
 }
 
 cudaError_t launch_decode(const BelleAttentionParams& p, cudaStream_t stream) {

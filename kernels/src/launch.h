@@ -15,6 +15,9 @@ cudaError_t launch_prefill(const BelleAttentionParams& p, cudaStream_t stream);
 cudaError_t launch_decode(const BelleAttentionParams& p, cudaStream_t stream);
 // How many KV chunks the decode kernel splits max_keys into (also sizes the workspace).
 int decode_splits(const BelleAttentionParams& p);
+// An upper bound of decode_splits that does not depend on the GPU (an engine built ahead of time, with no
+// GPU present, sizes its workspace with it).
+int decode_splits_bound(const BelleAttentionParams& p);
 
 constexpr int kMaxGroup = 8;  // query heads per kv head the decode kernel is instantiated for
 

@@ -18,6 +18,20 @@ constexpr int WARPS = 4;     // BM / 16
 constexpr int THREADS = WARPS * 32;
 constexpr int PAD = 8;       // halves of padding per shared row: rows land on distinct banks
 
+// Four 8x8 b16 matrices from shared memory, one row address per lane (lanes 8m..8m+7: matrix m). With
+// .trans each lane receives a column pair instead of a row pair: the B-operand layout of P.V from a
+// row-major [key][dim] V tile.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
 template <int D>
 struct Smem {
   static constexpr int row = D + PAD;
@@ -74,10 +88,12 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(BelleAttentionParams p
     sQ[r * ROW + i + D / 2] = DT::from_float(x2);
   }
   // The block's query extremes, for skipping whole key tiles (a conservative test: see below).
-  int64_t qpos_max = -1, qturn_min = INT64_MAX;
+  int64_t qpos_max = -1, qturn_min = INT64_MAX, qpos_min = INT64_MAX, qturn_max = -1;
   for (int r = 0; r < BM && q0 + r < T_; ++r) {
     qpos_max = max(qpos_max, sQpos[r]);
+    qpos_min = min(qpos_min, sQpos[r]);
     qturn_min = min(qturn_min, sQturn[r]);
+    qturn_max = max(qturn_max, sQturn[r]);
   }
   __syncthreads();
 
@@ -105,15 +121,19 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(BelleAttentionParams p
   for (int j0 = 0; j0 < n_keys; j0 += BN) {
     // A key visible to some query of the block passes this test with the block's largest position and
     // smallest turn, so a tile where no key passes holds nothing visible: skip it whole.
-    bool live = false;
+    // Likewise a key visible to the block's smallest position and largest turn is visible to every query
+    // of the block: when all keys of the tile are, the per-score mask is skipped (most live tiles).
+    bool live = false, all = true;
     if (tid < BN) {
       const int j = j0 + tid;
       const int64_t kp = j < n_keys ? kpos_g[j] : INT64_MAX, kt = j < n_keys ? kturn_g[j] : 0;
       sKpos[tid] = kp;
       sKturn[tid] = kt;
       live = j < n_keys && visible(qpos_max, qturn_min, kp, kt, window, sinks);
+      all = j < n_keys && visible(qpos_min, qturn_max, kp, kt, window, sinks);
     }
     if (!__syncthreads_or(live)) continue;
+    const bool full = __syncthreads_and(all) && slope == 0.f;
 
     // K and V tiles, 16 bytes per load; rows past the last key are zero.
     constexpr int CHUNKS = D * 2 / 16;
@@ -134,16 +154,29 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(BelleAttentionParams p
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const T* krow = sK + (nt * 8 + g) * ROW;
+      // lane l addresses key nt*8 + l%8, dims kc*16 + (l/8)*8: B fragments of two 16-dim chunks at once
+      const T* krow = sK + (nt * 8 + (lane & 7)) * ROW + (lane >> 3) * 8;
 #pragma unroll
-      for (int kc = 0; kc < D / 16; ++kc) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kc * 16 + 2 * c);
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kc * 16 + 2 * c + 8);
-        DT::mma(s[nt], qf[kc], b0, b1);
+      for (int kc = 0; kc < D / 16; kc += 2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, krow + kc * 16);
+        DT::mma(s[nt], qf[kc], b[0], b[1]);
+        DT::mma(s[nt], qf[kc + 1], b[2], b[3]);
       }
     }
     // Mask from the tables, scale, ALiBi; row maxima.
     float mx0 = kNegInf, mx1 = kNegInf;
+    if (full) {
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        s[nt][0] *= scale;
+        s[nt][1] *= scale;
+        s[nt][2] *= scale;
+        s[nt][3] *= scale;
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+      }
+    } else {
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -158,6 +191,7 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(BelleAttentionParams p
         s[nt][e] = v;
         if (top) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
       }
+    }
     }
     // A row's 64 scores live in the 4 threads of its quad.
 #pragma unroll
@@ -205,16 +239,15 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(BelleAttentionParams p
       a[1] = DT::pack(s[2 * kc][2], s[2 * kc][3]);
       a[2] = DT::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
       a[3] = DT::pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-      const T* v0 = sV + (kc * 16 + 2 * c) * ROW;
+      // lane l addresses key kc*16 + l%8 + ((l/8)&1)*8, dims (l/16)*8: transposed, B fragments of two
+      // 8-dim output tiles at once
+      const T* vrow = sV + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + (lane >> 4) * 8;
 #pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        const int col = dn * 8 + g;
-        typename DT::Pair lo, hi;
-        lo.x = v0[col];
-        lo.y = v0[ROW + col];
-        hi.x = v0[8 * ROW + col];
-        hi.y = v0[9 * ROW + col];
-        DT::mma(o[dn], a, *reinterpret_cast<uint32_t*>(&lo), *reinterpret_cast<uint32_t*>(&hi));
+      for (int dn = 0; dn < D / 8; dn += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vrow + dn * 8);
+        DT::mma(o[dn], a, b[0], b[1]);
+        DT::mma(o[dn + 1], a, b[2], b[3]);
       }
     }
     __syncthreads();  // the next tile overwrites sK / sV
