@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("model", nargs="?", help="HF checkpoint directory or GGUF file (default: the bundled SmolLM2)")
     comp.add_argument("--out", required=True, help="artifact folder to write")
     comp.add_argument("--target", default="cpu", help="device to compile for (default cpu)")
-    comp.add_argument("--precision", default="fp32", help="fp32 | fp16 | int8 | int4 (default fp32)")
+    comp.add_argument("--precision", default=None,
+                      help="fp32 | fp16 | bf16 | int8 | int4 (default: fp32 for cpu, fp16 for GPU targets)")
     comp.add_argument("--block-size", type=int, default=32, help="quantization block size (default 32)")
     comp.add_argument("--attention", default="plugin", help="GPU targets: plugin (ours) | native (TensorRT's)")
     comp.add_argument("--max-kv-tokens", type=int, default=4096, help="KV cache to budget and build for")

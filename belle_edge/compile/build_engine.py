@@ -112,6 +112,7 @@ def _build(req: dict) -> dict:
 
         creator = register(trt)  # noqa: F841  (kept alive for the build)
     builder = trt.Builder(logger)
+    baseline_mb = _rss_mb()  # TensorRT's libraries loaded, no model yet: the fixed part of the peak
     network = builder.create_network(_network_flags(trt, flavour))
     parser = trt.OnnxParser(network, logger)
     if plugin and hasattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE"):
@@ -119,6 +120,7 @@ def _build(req: dict) -> dict:
     if not parser.parse_from_file(req["onnx"]):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"the ONNX parser refused the model: {errors}")
+    parsed_mb = _rss_mb()  # the parser holds the ONNX weights in host memory from here on
     layer_types = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
     plugin_layers = layer_types.count("PLUGIN_V3")
 
@@ -129,20 +131,17 @@ def _build(req: dict) -> dict:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{req['sm']}"), 0)
     profiles = _profiles(trt, builder, network, config, req, merged=flavour == "tensorrt_rtx")
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError("TensorRT returned no engine (see the build log)")
     engine_path = os.path.join(req["out_dir"], ENGINE_FILE)
-    with open(engine_path, "wb") as f:
-        f.write(serialized)
-    size = serialized.nbytes
-    del serialized, network, parser, builder  # no second copy of the engine in memory
+    size = _serialize(trt, builder, network, config, engine_path)
+    del network, parser, builder
     log.close()
     record = {
         "engine": ENGINE_FILE, "log": LOG_FILE, "tensorrt": flavour, "tensorrt_version": trt.__version__,
         "sm": req["sm"], "attention": req["attention"], "layers": len(layer_types), "plugin_layers": plugin_layers,
         "profiles": profiles, "bytes": size, "seconds": round(time.perf_counter() - t0, 2),
         "builder_peak_rss_mb": round(_peak_rss_mb(), 1),  # the child process that ran TensorRT
+        "builder_baseline_rss_mb": round(baseline_mb, 1),  # of which TensorRT itself, before the model
+        "builder_parsed_rss_mb": round(parsed_mb, 1),  # after the ONNX parse, before the build
     }
     if flavour == "tensorrt_rtx":
         record["compute_capability"] = str(config.get_compute_capability(0)).rsplit(".", 1)[-1]
@@ -150,6 +149,42 @@ def _build(req: dict) -> dict:
         record["plugin"] = {"name": NAME, "version": VERSION, "namespace": NAMESPACE,
                             "in_engine": _file_contains(engine_path, NAME.encode())}
     return record
+
+
+def _serialize(trt, builder, network, config, path: str) -> int:
+    """Build and write the engine; returns its size. Where the API streams the plan out in chunks
+    (TensorRT >= 10.?, TensorRT-RTX), the whole serialized engine never sits in host memory next to the
+    builder's own copy of the weights."""
+    with open(path, "wb") as f:
+        if hasattr(builder, "build_serialized_network_to_stream"):
+            writer = _file_writer(trt, f)
+            if not builder.build_serialized_network_to_stream(network, config, writer) or not writer.written:
+                raise RuntimeError("TensorRT returned no engine (see the build log)")
+            return writer.written
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError("TensorRT returned no engine (see the build log)")
+        f.write(serialized)
+        return serialized.nbytes
+
+
+def _file_writer(trt, f):
+    """An IStreamWriter that appends each chunk TensorRT hands over to an open file. (TensorRT catches an
+    exception raised in write() and reports success anyway: _serialize checks the byte count.)"""
+
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self):
+            trt.IStreamWriter.__init__(self)
+            self.written = 0
+            self.chunks = 0
+
+        def write(self, data):
+            f.write(data)
+            self.written += len(data)
+            self.chunks += 1
+            return len(data)
+
+    return FileWriter()
 
 
 def _network_flags(trt, flavour: str) -> int:
@@ -195,6 +230,11 @@ def _file_contains(path: str, needle: bytes, chunk: int = 1 << 22) -> bool:
                 return True
             tail = block[-len(needle):]
     return False
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def _peak_rss_mb() -> float:

@@ -31,7 +31,7 @@ class CompileConfig:
     out: str
     model: str | None = None  # None: the default model
     target: str = "cpu"
-    precision: str = "fp32"
+    precision: str | None = None  # None: fp32 on cpu, fp16 on a GPU target
     force: bool = False
     chat_format: str = "auto"
     allow_pickle: bool = False
@@ -44,6 +44,8 @@ class CompileConfig:
 
     def __post_init__(self):
         target = get_target(self.target)
+        if self.precision is None:
+            object.__setattr__(self, "precision", "fp16" if target.gpu else "fp32")
         check_precision(target, self.precision)
         if self.attention not in ("plugin", "native"):
             raise InputError(f"--attention: expected plugin or native, got {self.attention!r}")
