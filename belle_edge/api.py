@@ -8,10 +8,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32", chat_format: str = "auto",
-         allow_pickle: bool = False, max_positions: int | None = None, threads: int | None = None) -> ChatModel:
+         allow_pickle: bool = False, max_positions: int | None = None, threads: int | None = None,
+         backend: str = "auto") -> ChatModel:
     """Open a model for chat.
 
-    * a compiled artifact folder (``belle-edge compile``): ONNX Runtime, no torch needed (``threads``);
+    * a compiled artifact folder (``belle-edge compile``): its TensorRT engine where it can run here, else
+      ONNX Runtime; no torch needed (``threads``; ``backend`` = auto | tensorrt | onnxruntime);
     * a local checkpoint (HF directory or GGUF; the default model when ``model`` is None): the torch
       backend (``device``, ``dtype``, ``chat_format``, ``allow_pickle``, ``max_positions``).
     """
@@ -22,7 +24,10 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
     if model is not None and os.path.isdir(model) and is_artifact(model):
         from .runtime.artifact import load_artifact
 
-        return load_artifact(model, threads=threads)
+        return load_artifact(model, threads=threads, backend=backend)
+    if backend not in ("auto", "torch"):
+        raise InputError(f"backend {backend!r}: a checkpoint runs on torch; tensorrt and onnxruntime run a "
+                         "compiled artifact (belle-edge compile)")
     if dtype not in DTYPES:
         raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     _require_torch()

@@ -26,6 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (torch backend)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (torch backend)")
     p.add_argument("--max-positions", type=int, help="override the model's position limit")
+    p.add_argument("--backend", default="auto",
+                   help="artifacts: auto | tensorrt | onnxruntime (auto: the engine where it can run, else ONNX)")
 
 
 def _add_session_args(p: argparse.ArgumentParser) -> None:
@@ -203,7 +205,8 @@ def _open_session(args):
     t0 = time.perf_counter()
     _info(f"loading {args.model or 'the default model'} ...")
     model = load(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
-                 allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads)
+                 allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads,
+                 backend=args.backend)
     _info(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s (backend {model.backend_name}, "
           f"format {model.chat_format.name})")
     if args.restore:

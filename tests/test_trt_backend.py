@@ -352,3 +352,20 @@ def test_tensorrt_chats_like_onnxruntime(artifact):
     for message in ("你好", "订单已经发货了吗？", "谢谢你的帮助！"):
         assert session.send(message).stats.new_tokens >= 1
     assert sum(s.evicted_tokens for s in session.stats) > 0
+
+
+def test_chat_cli_backend_choice(artifact, tiny_llama_dir):
+    """`belle-edge chat ART --backend tensorrt` refuses in one line where the engine cannot run; a checkpoint
+    refuses the artifact backends."""
+    path, _ = artifact
+    cli = [sys.executable, "-m", "belle_edge.cli", "chat"]
+    reason = cuda_device.unavailable()
+    if reason:
+        result = subprocess.run([*cli, path, "--backend", "tensorrt"], input="", capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert reason in result.stderr.strip().splitlines()[-1]
+    result = subprocess.run([*cli, tiny_llama_dir, "--backend", "onnxruntime"], input="", capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "a checkpoint runs on torch" in result.stderr.strip().splitlines()[-1]
