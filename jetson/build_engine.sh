@@ -19,7 +19,7 @@ if [ -f "$ROOT/kernels/CMakeLists.txt" ]; then
   run cmake -S "$ROOT/kernels" -B "$ROOT/kernels/build-jetson" -DTensorRT_ROOT=/usr -DCMAKE_CUDA_ARCHITECTURES=87
   run cmake --build "$ROOT/kernels/build-jetson" -j "$(nproc)"
 else
-  echo "note: kernels/ has no CMake project yet (the kernels issue); build with --attention native artifacts"
+  echo "note: kernels/CMakeLists.txt not found; only --attention native artifacts can run without it"
 fi
 run "$VENV/bin/belle-edge" build-engine "$ARTIFACT" --tensorrt tensorrt
 run "$VENV/bin/belle-edge" inspect "$ARTIFACT"

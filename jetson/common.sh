@@ -23,6 +23,12 @@ run() {
   fi
 }
 
+# Where build_engine.sh puts our TensorRT plugin library; the runtime finds it through BELLE_EDGE_PLUGIN.
+JETSON_PLUGIN="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/kernels/build-jetson/libbelle_trt_plugin.so"
+if [ -z "${BELLE_EDGE_PLUGIN:-}" ] && [ -f "$JETSON_PLUGIN" ]; then
+  export BELLE_EDGE_PLUGIN="$JETSON_PLUGIN"
+fi
+
 die() {
   printf 'jetson: error: %s\n' "$*" >&2
   exit 2
