@@ -11,7 +11,7 @@ import torch
 
 from belle_edge.compile.load import load_checkpoint
 from belle_edge.mask import WINDOW_OFF, MaskConfig, retained
-from belle_edge.models.decoder import Decoder, FusedInputs
+from belle_edge.models.decoder import Decoder, FusedInputs, rope_inv_freq
 from belle_edge.ops.build import CI_ARCHS, HOT_KERNELS, compile_check, kernels_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +44,7 @@ def _fused_inputs(model, kpos, kturn, start, new, mask, capacity):
     k_turn = torch.zeros(1, capacity, dtype=torch.long)
     k_pos[0, :len(kpos)] = torch.tensor(kpos)
     k_turn[0, :len(kturn)] = torch.tensor(kturn)
-    inv_freq = None
-    if cfg.positions == "rope":
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
     return FusedInputs(start=torch.tensor([start], dtype=torch.int32), q_pos=torch.tensor([kpos[start:]]),
                        q_turn=torch.tensor([kturn[start:]]), k_pos=k_pos, k_turn=k_turn,
                        window=torch.tensor([WINDOW_OFF if mask.window is None else mask.window]),

@@ -102,7 +102,7 @@ def test_masked_attention_equals_explicit_masked_softmax(family):
     allowed = torch.from_numpy(visible(pos[:, None], turn[:, None], pos[None, :], turn[None, :], mask))
     rel = torch.from_numpy(pos[None, :] - pos[:, None]).float()
     bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
-    from belle_edge.models.decoder import _apply_rope, rope_tables
+    from belle_edge.models.decoder import apply_rope, rope_tables
 
     rope = rope_tables(torch.from_numpy(pos), cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_masked_attention_equals_explicit_masked_softmax(family):
         k = attn.k_proj(x).view(1, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(1, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k = k.repeat_interleave(cfg.group_size, dim=1)
         v = v.repeat_interleave(cfg.group_size, dim=1)
         scores = q @ k.transpose(-1, -2) / cfg.head_dim ** 0.5

@@ -153,8 +153,8 @@ def _build(req: dict) -> dict:
 
 def _serialize(trt, builder, network, config, path: str) -> int:
     """Build and write the engine; returns its size. Where the API streams the plan out in chunks
-    (TensorRT >= 10.?, TensorRT-RTX), the whole serialized engine never sits in host memory next to the
-    builder's own copy of the weights."""
+    (``build_serialized_network_to_stream``: TensorRT-RTX, recent TensorRT), the whole serialized engine
+    never sits in host memory next to the builder's own copy of the weights."""
     with open(path, "wb") as f:
         if hasattr(builder, "build_serialized_network_to_stream"):
             writer = _file_writer(trt, f)
@@ -176,12 +176,10 @@ def _file_writer(trt, f):
         def __init__(self):
             trt.IStreamWriter.__init__(self)
             self.written = 0
-            self.chunks = 0
 
         def write(self, data):
             f.write(data)
             self.written += len(data)
-            self.chunks += 1
             return len(data)
 
     return FileWriter()

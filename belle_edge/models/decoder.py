@@ -65,16 +65,20 @@ class KVCache:
         self.v[:, :, :n] = self.v[:, :, slots]
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """LLaMA's RoPE frequencies (D/2,) in fp32; the fused kernels take them as they are."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, D) for absolute positions, LLaMA's half-split layout, computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-                                / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    """cos, sin of shape (..., T, D) for absolute positions (..., T), LLaMA's half-split layout, in fp32."""
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, H, T, D); cos/sin: (T, D)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -137,7 +141,7 @@ class Attention(nn.Module):
                 1.0 / math.sqrt(cfg.head_dim), fused.max_keys)
             return self.o_proj(out)
         if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.write(start, k, v)  # (B, Hkv, K, D)
         bias = mask_bias[None]  # (1, T, K)

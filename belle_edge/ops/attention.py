@@ -26,17 +26,16 @@ import torch
 from torch import Tensor
 
 from ..mask import MaskConfig, visible
+from ..models.decoder import apply_rope
 
 
 # --------------------------------------------------------------------------------------------- reference
 def rotate(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
-    """LLaMA's half-split RoPE of x (B, Hx, T, D) at positions pos (B, T), in fp32, back to x's dtype."""
+    """LLaMA's half-split RoPE of x (B, Hx, T, D) at positions pos (B, T): the model's own rotation
+    (models/decoder.py), with the given frequencies."""
     angles = pos.float()[..., None] * inv_freq.float()  # (B, T, D/2)
-    cos = torch.cat((angles.cos(), angles.cos()), -1)[:, None]
-    sin = torch.cat((angles.sin(), angles.sin()), -1)[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    emb = torch.cat((angles, angles), -1)[:, None]  # (B, 1, T, D)
+    return apply_rope(x, emb.cos(), emb.sin())
 
 
 def reference_attention(q, k_new, v_new, k_cache, v_cache, start, q_pos, q_turn, k_pos, k_turn, window, sinks,

@@ -14,7 +14,7 @@ import torch
 
 from ...errors import InputError
 from ...mask import WINDOW_OFF, MaskConfig
-from ...models.decoder import Decoder, FusedInputs
+from ...models.decoder import Decoder, FusedInputs, rope_inv_freq
 
 
 class TorchBackend:
@@ -60,11 +60,7 @@ class TorchBackend:
         self._window = torch.zeros(1, **long)
         self._sinks = torch.zeros(1, **long)
         self._mask_now = None
-        inv_freq = None
-        if cfg.positions == "rope":
-            exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=dev).float() / cfg.head_dim
-            inv_freq = 1.0 / (cfg.rope_theta ** exponents)  # as models/decoder.py rope_tables
-        self._inv_freq = inv_freq
+        self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, dev) if cfg.positions == "rope" else None
         # static inputs/outputs of the captured decode step
         self._ids = torch.zeros(1, 1, **long)
         self._q_pos = torch.zeros(1, 1, **long)
