@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--chat-format", default="auto", help="auto | template | belle | belle-v2")
     comp.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle weights")
     comp.add_argument("--no-progress", action="store_true")
+    _add_prune_args(comp, prefix="prune-")
 
     insp = sub.add_parser("inspect", help="print an artifact's manifest as a table")
     insp.add_argument("artifact")
@@ -97,7 +98,50 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     # a 135M model loops without a little repetition penalty; short replies keep the demo brisk
     demo.set_defaults(max_new_tokens=80, repetition_penalty=1.1)
+
+    prune = sub.add_parser("prune", help="structured pruning to a parameter budget (vocabulary, width, depth)")
+    prune.add_argument("model", nargs="?", help="HF checkpoint directory or GGUF file (default: the bundled SmolLM2)")
+    _add_prune_args(prune)
+    prune.add_argument("--out", help="checkpoint folder to write (Hugging Face layout + pruning.json)")
+    prune.add_argument("--force", action="store_true", help="replace an existing --out")
+    prune.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    prune.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle weights")
+
+    fid = sub.add_parser("eval-fidelity", help="KL, top-1 agreement and perplexity ratio of a student to its teacher")
+    fid.add_argument("student", help="checkpoint to measure (e.g. the output of belle-edge prune)")
+    fid.add_argument("--teacher", help="reference checkpoint (default: the one named in the student's pruning.json; "
+                                       "'default' = the bundled model)")
+    fid.add_argument("--tokens", type=int, default=1024, help="held-out tokens per text (default 1024)")
+    fid.add_argument("--text", action="append", help="a UTF-8 text file to evaluate on (repeatable; default: "
+                                                      "held-out English pydoc topics and a Chinese fixture)")
+    fid.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_prune_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The pruning flags; ``compile`` takes them as --prune-*."""
+    p.add_argument(f"--{prefix}target-params", dest="target_params", type=_count,
+                   help="parameter budget, e.g. 58M or 3B")
+    p.add_argument(f"--{prefix}ratio", dest="ratio", type=float,
+                   help="parameter budget as a fraction of the model's, e.g. 0.43")
+    p.add_argument(f"--{prefix}mode", dest="mode", default="mix",
+                   help="mix (solver: vocabulary + depth + width; default) | width | depth")
+    p.add_argument(f"--{prefix}calibration", dest="calibration", action="append", metavar="FILE",
+                   help="UTF-8 text to rank heads, channels and layers on (repeatable; default: English pydoc "
+                        "topics + a Chinese fixture, disjoint from eval-fidelity's held-out text)")
+    p.add_argument(f"--{prefix}calibration-tokens", dest="calibration_tokens", type=int, default=4096,
+                   help="calibration tokens (default 4096)")
+    p.add_argument(f"--{prefix}vocab-corpus", dest="vocab_corpus", action="append", metavar="FILE",
+                   help="mix: keep the tokens this UTF-8 text uses (repeatable; default: the calibration text)")
+
+
+def _count(text: str) -> int:
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+    t = text.strip().lower().replace(",", "").replace("_", "")
+    try:
+        return int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a parameter count like 58000000, 58M or 3B, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.latency import run as run_bench
 
             return run_bench(args)
+        if args.command == "prune":
+            return _prune(args)
+        if args.command == "eval-fidelity":
+            return _eval_fidelity(args)
         if args.command == "demo":
             args.script, args.restore, args.threads = DEMO_SCRIPT, None, None
         return _chat(args)
@@ -139,10 +187,83 @@ def _compile(args) -> int:
     config = CompileConfig(out=args.out, model=args.model, target=args.target, precision=args.precision,
                            force=args.force, chat_format=args.chat_format, allow_pickle=args.allow_pickle,
                            block_size=args.block_size, attention=args.attention, max_kv_tokens=args.max_kv_tokens,
-                           engine=not args.no_engine)
+                           engine=not args.no_engine,
+                           prune=prune_request(args) if args.target_params or args.ratio else None)
     manifest = compile_model(config, progress=not args.no_progress)
     print(f"wrote {args.out}")
     _print_manifest(manifest)
+    return 0
+
+
+def _read_texts(paths: list[str] | None, flag: str) -> tuple[str, ...] | None:
+    if not paths:
+        return None
+    texts = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{flag} {path}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+        if not texts[-1].strip():
+            raise InputError(f"{flag} {path}: the file is empty")
+    return tuple(texts)
+
+
+def prune_request(args, *, dry_run: bool = False):
+    from .prune.prune import PruneRequest
+
+    calibration = _read_texts(args.calibration, "--calibration")
+    return PruneRequest(target_params=args.target_params, ratio=args.ratio, mode=args.mode, calibration=calibration,
+                        calibration_name=", ".join(args.calibration) if calibration else PruneRequest.calibration_name,
+                        calibration_tokens=args.calibration_tokens,
+                        vocab_corpus=_read_texts(args.vocab_corpus, "--vocab-corpus"), dry_run=dry_run)
+
+
+def _prune(args) -> int:
+    from .compile.load import load_checkpoint
+    from .prune.prune import prune_checkpoint
+    from .prune.writer import write_checkpoint
+
+    if not args.dry_run and not args.out:
+        raise InputError("prune: --out DIR is required (or --dry-run to print the plan only)")
+    if args.out and os.path.exists(args.out) and not args.force:
+        raise InputError(f"{args.out}: already exists; pass --force to replace it")
+    request = prune_request(args, dry_run=args.dry_run)
+    ckpt = load_checkpoint(args.model, allow_pickle=args.allow_pickle)
+    result = prune_checkpoint(ckpt, request)
+    if args.dry_run:
+        return 0
+    from .evaluate.fidelity import measure
+    from .evaluate.texts import held_out_texts
+    from .models.decoder import Decoder
+
+    _info("measuring fidelity to the unpruned model on held-out text ...")
+    teacher = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source)
+    student = Decoder.from_state_dict(result.checkpoint.config, result.checkpoint.state_dict)
+    fidelity = measure(teacher, ckpt.tokenizer, student, result.checkpoint.tokenizer, texts=held_out_texts())
+    record = {**result.record, "fidelity": fidelity,
+              "teacher": {"path": "default" if args.model is None else ckpt.source, "source": ckpt.source, "fingerprint": ckpt.fingerprint}}
+    out = write_checkpoint(result.checkpoint, args.out, record=record, force=args.force, trim=result.trim)
+    from .evaluate.fidelity import format_table
+
+    print(format_table({"texts": fidelity["texts"], "shared_vocab": fidelity["shared_vocab"],
+                        "teacher_vocab": fidelity["teacher_vocab"]}))
+    print(f"wrote {out} ({result.plan.params_after:,} parameters); recover quality with distillation from the "
+          f"teacher: {args.model or 'the default model'}")
+    return 0
+
+
+def _eval_fidelity(args) -> int:
+    from .evaluate.fidelity import eval_fidelity, format_table
+
+    texts = None
+    if args.text:
+        texts = dict(zip(args.text, _read_texts(args.text, "--text")))
+    if args.tokens < 2:
+        raise InputError(f"--tokens: expected at least 2, got {args.tokens}")
+    result = eval_fidelity(args.student, args.teacher, tokens=args.tokens, texts=texts)
+    print(json.dumps(result, indent=1, ensure_ascii=False) if args.json else format_table(result))
     return 0
 
 

@@ -1,8 +1,8 @@
 """``compile()``: the row of passes from a checkpoint to an artifact, each recorded in the manifest.
 
-    cpu:          load ─▶ quantize (int8/int4) ─▶ export (ONNX, ort flavor) ─▶ fidelity ─▶ package
-    rtx3090/a100: load ─▶ export (portable fp16 ONNX) ─▶ build (TensorRT engine + plugin) ─▶ package
-    orin:         load ─▶ export (portable fp16 ONNX) ─▶ package; the engine is built on the Jetson (jetson/)
+    cpu:          load ─▶ [prune] ─▶ quantize (int8/int4) ─▶ export (ONNX, ort flavor) ─▶ fidelity ─▶ package
+    rtx3090/a100: load ─▶ [prune] ─▶ export (portable fp16 ONNX) ─▶ build (TensorRT engine + plugin) ─▶ package
+    orin:         load ─▶ [prune] ─▶ export (portable fp16 ONNX) ─▶ package; the engine is built on the Jetson (jetson/)
 
 The artifact is built in a hidden sibling folder and renamed into place at the end, so a failed or
 interrupted compile never leaves a folder that looks complete; an existing output is replaced only with
@@ -41,6 +41,7 @@ class CompileConfig:
     attention: str = "plugin"  # GPU targets: our plugin layer, or "native" (TensorRT's attention + explicit mask)
     engine: bool = True  # GPU targets: build the engine here (False: later, with `belle-edge build-engine`)
     max_prefill: int = 512  # GPU engines: the prefill profile's longest chunk
+    prune: object | None = None  # a belle_edge.prune.prune.PruneRequest: structured pruning right after load
 
     def __post_init__(self):
         target = get_target(self.target)
@@ -126,6 +127,8 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
     else:
         steps = ["load"] + (["quantize"] if config.precision in ("int8", "int4") else []) + ["export"] + \
             (["fidelity"] if config.precision != "fp32" else []) + ["package"]
+    if config.prune is not None:
+        steps.insert(1, "prune")
     bar = _progress(len(steps), enabled=progress)
 
     with _stage("load", stages, bar) as rec:
@@ -136,6 +139,13 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
                               kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                               kv_tokens=min(config.max_kv_tokens, cfg.max_positions))
         rec.update(source=ckpt.source, kind=ckpt.kind, family=cfg.family, parameters=params, memory=memory)
+    if "prune" in steps:
+        with _stage("prune", stages, bar) as rec:
+            from ..prune.prune import prune_checkpoint
+
+            result = prune_checkpoint(ckpt, config.prune, log=lambda line: print(line, file=sys.stderr))
+            ckpt = result.checkpoint
+            rec.update(result.record)
     quantized = None
     if "quantize" in steps:
         with _stage("quantize", stages, bar) as rec:
@@ -167,7 +177,7 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
             "source": {"path": ckpt.source, "kind": ckpt.kind, "fingerprint": ckpt.fingerprint,
                        "name": _source_name(config.model, ckpt.source)},
             "model": ckpt.config.to_dict(), "target": config.target, "precision": config.precision,
-            "settings": asdict(config),
+            "settings": _settings(config),
             "runtime": {"backend": "tensorrt" if target.gpu else "onnxruntime", "onnx": "model.onnx",
                         "engine": engine["engine"] if engine else None,
                         "engine_built_on_device": target.gpu and engine is None,
@@ -184,6 +194,13 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
     manifest = write_manifest(work, manifest)  # last: a folder with a manifest is a whole artifact
     bar.close()
     return manifest
+
+
+def _settings(config: CompileConfig) -> dict:
+    settings = asdict(config)
+    if config.prune is not None:  # the request's calibration texts are recorded by name, not copied in
+        settings["prune"] = {k: v for k, v in settings["prune"].items() if k not in ("calibration", "vocab_corpus")}
+    return settings
 
 
 def _source_name(model: str | None, source: str) -> str:

@@ -246,8 +246,8 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)
+        # the untied head is called as a module, so hooks and graph tracers (torch-pruning) see it
+        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, where: str = "checkpoint",

@@ -1,0 +1,104 @@
+"""Fidelity of a student (pruned, quantized) to its teacher (the unpruned model): teacher-forced KL
+divergence, top-1 agreement and the perplexity ratio, on held-out text.
+
+The student may have a smaller vocabulary (vocabulary pruning). Both models read the student's
+tokenization of the text (every student token is a teacher token, matched by its string), and both
+distributions are renormalised over the shared vocabulary, so the three figures compare like with like.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError
+from .texts import held_out_texts
+
+
+def token_map(student_tok, teacher_tok, *, where: str = "student") -> torch.Tensor:
+    """Teacher id of every student token id (matched by token string)."""
+    sv, tv = student_tok.get_vocab(with_added_tokens=True), teacher_tok.get_vocab(with_added_tokens=True)
+    missing = [t for t in sv if t not in tv]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} of its {len(sv)} tokens are not in the teacher's vocabulary "
+                              f"(e.g. {missing[0]!r}); fidelity needs a student tokenizer cut from the teacher's")
+    out = torch.empty(max(sv.values()) + 1, dtype=torch.long)
+    for token, i in sv.items():
+        out[i] = tv[token]
+    return out
+
+
+def _logits(model, ids: torch.Tensor, seq: int) -> torch.Tensor:
+    from ..prune.calibration import forward_chunks
+
+    return torch.cat([logits for _, logits in forward_chunks(model, [ids.numpy()], seq=seq)])
+
+
+@torch.no_grad()
+def compare(teacher_logits: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Figures over (T, V) logits already restricted to the same columns; ``targets`` (T-1,) are the next
+    tokens as column indices."""
+    lt = torch.log_softmax(teacher_logits.double(), -1)
+    ls = torch.log_softmax(student_logits.double(), -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1)
+    nll_t = -lt[:-1].gather(1, targets[:, None]).squeeze(1)
+    nll_s = -ls[:-1].gather(1, targets[:, None]).squeeze(1)
+    ppl_t, ppl_s = float(nll_t.mean().exp()), float(nll_s.mean().exp())
+    return {"kl_mean": round(float(kl.mean()), 5), "kl_p95": round(float(kl.quantile(0.95)), 5),
+            "top1_agreement": round(float((lt.argmax(-1) == ls.argmax(-1)).double().mean()), 4),
+            "ppl_teacher": round(ppl_t, 3), "ppl_student": round(ppl_s, 3), "ppl_ratio": round(ppl_s / ppl_t, 4),
+            "tokens": int(lt.shape[0])}
+
+
+def measure(teacher, teacher_tok, student, student_tok, *, texts: dict[str, str] | None = None,
+            tokens: int = 1024, seq: int = 512, where: str = "student") -> dict:
+    """Fidelity of ``student`` to ``teacher`` (canonical Decoders) on each text, over the shared vocabulary."""
+    to_teacher = token_map(student_tok, teacher_tok, where=where)
+    shared = to_teacher.shape[0]
+    if shared > student.cfg.vocab_size:
+        raise CheckpointError(f"{where}: tokenizer has {shared} tokens but the model's vocab_size is "
+                              f"{student.cfg.vocab_size}")
+    out = {"shared_vocab": shared, "teacher_vocab": teacher.cfg.vocab_size, "texts": {}}
+    for name, text in (texts or held_out_texts()).items():
+        ids = torch.tensor(student_tok.encode(text, add_special_tokens=False).ids[:tokens], dtype=torch.long)
+        if len(ids) < 2:
+            raise CheckpointError(f"evaluation text {name}: tokenizes to fewer than 2 tokens")
+        t_logits = _logits(teacher, to_teacher[ids], seq)[:, to_teacher]
+        s_logits = _logits(student, ids, seq)[:, :shared]
+        out["texts"][name] = compare(t_logits, s_logits, ids[1:])
+    return out
+
+
+def eval_fidelity(student_path: str, teacher_path: str | None = None, *, tokens: int = 1024,
+                  texts: dict[str, str] | None = None) -> dict:
+    """The ``belle-edge eval-fidelity`` measure: checkpoints on disk; the teacher defaults to the one named
+    in the student's ``pruning.json``."""
+    import json
+    import os
+
+    from ..compile.load import load_checkpoint
+    from ..models.decoder import Decoder
+
+    if teacher_path is None:
+        record = os.path.join(student_path, "pruning.json")
+        if not os.path.isfile(record):
+            raise CheckpointError(f"{student_path}: no pruning.json naming its teacher; pass --teacher")
+        with open(record, encoding="utf-8") as f:
+            teacher_path = json.load(f).get("teacher", {}).get("path")
+        if teacher_path is None:
+            raise CheckpointError(f"{record}: field teacher.path is missing; pass --teacher")
+    student_ckpt = load_checkpoint(student_path)
+    teacher_ckpt = load_checkpoint(None if teacher_path == "default" else teacher_path)
+    teacher = Decoder.from_state_dict(teacher_ckpt.config, teacher_ckpt.state_dict, where=teacher_ckpt.source)
+    student = Decoder.from_state_dict(student_ckpt.config, student_ckpt.state_dict, where=student_ckpt.source)
+    result = measure(teacher, teacher_ckpt.tokenizer, student, student_ckpt.tokenizer, texts=texts, tokens=tokens,
+                     where=student_path)
+    return {"student": student_path, "teacher": teacher_path, **result}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'text':<28}{'tokens':>7}{'KL':>9}{'KL p95':>9}{'top-1':>8}{'ppl T':>9}{'ppl S':>9}{'ratio':>8}"]
+    for name, r in result["texts"].items():
+        lines.append(f"{name:<28}{r['tokens']:>7}{r['kl_mean']:>9.4f}{r['kl_p95']:>9.4f}{r['top1_agreement']:>8.1%}"
+                     f"{r['ppl_teacher']:>9.2f}{r['ppl_student']:>9.2f}{r['ppl_ratio']:>8.3f}")
+    lines.append(f"(shared vocabulary {result['shared_vocab']:,} of the teacher's {result['teacher_vocab']:,})")
+    return "\n".join(lines)
