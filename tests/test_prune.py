@@ -90,6 +90,7 @@ def test_pruned_checkpoint_reloads_in_transformers_and_matches_our_model(sources
     assert hf.config.hidden_size == cfg.hidden_size and hf.config.num_hidden_layers == cfg.num_layers
     assert hf.config.vocab_size == cfg.vocab_size
     if family == "llama":
+        assert cfg.hidden_size % cfg.num_heads == 0  # transformers' LlamaConfig insists
         assert hf.config.num_key_value_heads == cfg.num_kv_heads and hf.config.intermediate_size == cfg.intermediate_size
     else:
         assert hf.config.n_head == src_ckpt.config.num_heads  # every head (and its ALiBi slope) stays
@@ -323,3 +324,29 @@ def test_compile_with_a_prune_stage(sources, tmp_path):
 
     reply = load(out).session(max_new_tokens=4).send("你好")
     assert reply.stats.turn == 1
+
+
+@pytest.mark.slow
+def test_default_model_pruned_by_the_solver_loads_in_transformers(default_checkpoint, tmp_path):
+    """The real model: 70% by the solver's mix (vocabulary + depth + width) on the real tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.evaluate.texts import chinese_held_out, english_held_out
+    from belle_edge.models.decoder import Decoder
+    from belle_edge.prune.prune import PruneRequest, prune_checkpoint
+    from belle_edge.prune.writer import write_checkpoint
+
+    result = prune_checkpoint(default_checkpoint, PruneRequest(ratio=0.7, calibration_tokens=512), log=lambda _: None)
+    assert abs(result.plan.deviation) <= 0.02 and result.plan.shape.vocab < default_checkpoint.config.vocab_size
+    out = write_checkpoint(result.checkpoint, str(tmp_path / "p70"), record=result.record, trim=result.trim)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert sum(p.numel() for p in hf.parameters()) == result.plan.params_after
+    ours = load_checkpoint(out)
+    text = english_held_out()[:300] + chinese_held_out()[:100]
+    ids = ours.tokenizer.encode(text, add_special_tokens=False).ids
+    assert ours.tokenizer.decode(ids) == text  # held-out text round-trips through the trimmed vocabulary
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)[None]).logits[0]
+        got = _logits(Decoder.from_state_dict(ours.config, ours.state_dict), ids)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), float((got - want).abs().max())

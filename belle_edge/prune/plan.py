@@ -14,6 +14,7 @@ Shapes are uniform across layers: that is what a stock ``config.json`` can descr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -70,12 +71,15 @@ def width_shape(cfg: ModelConfig, s: float, *, vocab: int, layers: int, multiple
         d = max(1, min(cfg.head_dim, round(s * cfg.head_dim)))
         hidden = cfg.num_heads * d
         return Shape(vocab, layers, hidden, cfg.num_kv_heads, cfg.group_size, d, 4 * hidden)
-    m = min(multiple, cfg.hidden_size)
-    hidden = _round_to(s * cfg.hidden_size, m, m, cfg.hidden_size)
-    inter = _round_to(s * cfg.intermediate_size, min(multiple, cfg.intermediate_size), 1, cfg.intermediate_size)
     want = s * cfg.num_heads
     kv, group = min(((k, g) for k in range(1, cfg.num_kv_heads + 1) for g in range(1, cfg.group_size + 1)),
                     key=lambda kg: (abs(kg[0] * kg[1] - want), -kg[0], -kg[1]))
+    # transformers' LlamaConfig refuses a hidden size that is not a multiple of the head count (even with
+    # head_dim given); within that, a multiple of `multiple` where it is not too coarse
+    heads = kv * group
+    m = math.lcm(multiple, heads) if math.lcm(multiple, heads) <= cfg.hidden_size // 4 else heads
+    hidden = _round_to(s * cfg.hidden_size, m, m, cfg.hidden_size // heads * heads)
+    inter = _round_to(s * cfg.intermediate_size, min(multiple, cfg.intermediate_size), 1, cfg.intermediate_size)
     return Shape(vocab, layers, hidden, kv, group, cfg.head_dim, inter)
 
 
@@ -167,7 +171,8 @@ def solve(cfg: ModelConfig, target: int, mode: str, *, vocab: int | None = None,
             raise InputError(f"target of {target:,} parameters is too small for {mode} pruning: the narrowest model "
                              f"it can make has {count_params(config_for(cfg, smallest)):,}")
     plans = [Plan(mode, cfg, s, target, before, count_params(config_for(cfg, s))) for s in dict.fromkeys(shapes)]
-    return plans
+    within = [p for p in plans if abs(p.deviation) <= TOLERANCE]  # e.g. a depth that leaves too little to fill
+    return within or [min(plans, key=lambda p: abs(p.deviation))]
 
 
 def render(plan: Plan, *, layers_kept: list[int] | None = None, extra: list[str] = ()) -> str:
