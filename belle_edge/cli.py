@@ -107,6 +107,45 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     prune.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle weights")
 
+    data = sub.add_parser("data", help="training data tools").add_subparsers(dest="data_command", required=True)
+    clean = data.add_parser("clean", help="normalise, de-duplicate, filter and mask PII in BELLE dialogue data")
+    clean.add_argument("input", help="BELLE data: JSON lines of conversations or instruction/input/output")
+    clean.add_argument("--out", required=True, help="cleaned JSON lines (a report goes to OUT.report.json)")
+    clean.add_argument("--model", help="count lengths in this model's tokens (default: the bundled model)")
+    clean.add_argument("--min-tokens", type=int, default=2, help="shortest message side kept (default 2)")
+    clean.add_argument("--max-tokens", type=int, default=2048, help="longest dialogue kept (default 2048)")
+    clean.add_argument("--languages", default="zh,en", help="languages kept (default zh,en)")
+    clean.add_argument("--near-duplicate-threshold", type=float, default=0.85, help="MinHash Jaccard (default 0.85)")
+    clean.add_argument("--keep-pii", action="store_true", help="do not mask phone, ID-card and e-mail numbers")
+
+    trn = sub.add_parser("train", help="LoRA fine-tuning, distillation, adapter merging")
+    tsub = trn.add_subparsers(dest="train_command", required=True)
+    sft = tsub.add_parser("sft", help="LoRA fine-tuning on BELLE dialogues (loss on replies, turn-window mask)")
+    sft.add_argument("model", nargs="?", help="base checkpoint (default: the bundled SmolLM2)")
+    sft.add_argument("--data", required=True, help="BELLE dialogues (JSON lines)")
+    _add_train_args(sft, "sft.json")
+    merge = tsub.add_parser("merge", help="fold a LoRA run's adapter into a checkpoint compile takes")
+    merge.add_argument("run", help="the folder of a `train sft` run")
+    merge.add_argument("--out", required=True, help="checkpoint folder to write")
+    merge.add_argument("--base", help="base checkpoint (default: the one the run recorded)")
+    merge.add_argument("--force", action="store_true", help="replace an existing --out")
+    dist = tsub.add_parser("distill", help="recover a pruned model from its teacher (logit KL)")
+    dist.add_argument("student", help="the pruned checkpoint (belle-edge prune --out)")
+    dist.add_argument("--teacher", help="default: the one named in the student's pruning.json")
+    dist.add_argument("--data", action="append", help="text files or BELLE .jsonl (repeatable; default: the "
+                                                     "calibration text)")
+    _add_train_args(dist, "distill.json")
+
+    ev = sub.add_parser("eval", help="reply quality on held-out dialogues: BLEU-4, ROUGE-L, perplexity")
+    ev.add_argument("model", nargs="?", help="checkpoint (default: the bundled SmolLM2)")
+    ev.add_argument("--data", required=True, help="held-out BELLE dialogues (JSON lines)")
+    ev.add_argument("--teacher", help="also the fidelity figures against this model")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--limit", type=int, help="first N dialogues only")
+    ev.add_argument("--window", type=int, default=3, help="turn window W (default 3; the runtime's)")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--no-progress", action="store_true")
+
     fid = sub.add_parser("eval-fidelity", help="KL, top-1 agreement and perplexity ratio of a student to its teacher")
     fid.add_argument("student", help="checkpoint to measure (e.g. the output of belle-edge prune)")
     fid.add_argument("--teacher", help="reference checkpoint (default: the one named in the student's pruning.json; "
@@ -133,6 +172,24 @@ def _add_prune_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="calibration tokens (default 4096)")
     p.add_argument(f"--{prefix}vocab-corpus", dest="vocab_corpus", action="append", metavar="FILE",
                    help="mix: keep the tokens this UTF-8 text uses (repeatable; default: the calibration text)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, default_config: str) -> None:
+    p.add_argument("--out", required=True, help="run folder (checkpoints, adapter or model, training.json)")
+    p.add_argument("--config", help=f"JSON training config (default: belle_edge/train/configs/{default_config})")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int, help="packed rows per optimizer step (gradient accumulation)")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--lora-rank", type=int, help="0 = full-parameter (distill)")
+    p.add_argument("--max-len", type=int, help="tokens per packed row")
+    p.add_argument("--held-out", type=float, help="share of dialogues kept out of training (sft)")
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lm-weight", type=float, help="distill: weight of the language-model loss")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(default_config=default_config)
 
 
 def _count(text: str) -> int:
@@ -169,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             return _prune(args)
         if args.command == "eval-fidelity":
             return _eval_fidelity(args)
+        if args.command == "data":
+            return _data_clean(args)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "demo":
             args.script, args.restore, args.threads = DEMO_SCRIPT, None, None
         return _chat(args)
@@ -223,7 +286,7 @@ def prune_request(args, *, dry_run: bool = False):
 def _prune(args) -> int:
     from .compile.load import load_checkpoint
     from .prune.prune import prune_checkpoint
-    from .prune.writer import write_checkpoint
+    from .compile.save import save_checkpoint
 
     if not args.dry_run and not args.out:
         raise InputError("prune: --out DIR is required (or --dry-run to print the plan only)")
@@ -244,13 +307,90 @@ def _prune(args) -> int:
     fidelity = measure(teacher, ckpt.tokenizer, student, result.checkpoint.tokenizer, texts=held_out_texts())
     record = {**result.record, "fidelity": fidelity,
               "teacher": {"path": "default" if args.model is None else ckpt.source, "source": ckpt.source, "fingerprint": ckpt.fingerprint}}
-    out = write_checkpoint(result.checkpoint, args.out, record=record, force=args.force, trim=result.trim)
+    out = save_checkpoint(result.checkpoint, args.out, records={"pruning.json": record},
+                          force=args.force, trim=result.trim)
     from .evaluate.fidelity import format_table
 
     print(format_table({"texts": fidelity["texts"], "shared_vocab": fidelity["shared_vocab"],
                         "teacher_vocab": fidelity["teacher_vocab"]}))
     print(f"wrote {out} ({result.plan.params_after:,} parameters); recover quality with distillation from the "
           f"teacher: {args.model or 'the default model'}")
+    return 0
+
+
+def _data_clean(args) -> int:
+    from .compile.load import load_checkpoint
+    from .train.clean import CleanConfig, clean_file
+
+    languages = tuple(x.strip() for x in args.languages.split(",") if x.strip())
+    config = CleanConfig(min_tokens=args.min_tokens, max_tokens=args.max_tokens, languages=languages,
+                         near_duplicate_threshold=args.near_duplicate_threshold, mask_pii=not args.keep_pii)
+    tokenizer = load_checkpoint(args.model).tokenizer
+    report = clean_file(args.input, args.out, config, tokenizer=tokenizer)
+    print(f"kept {report['output']} of {report['input']} dialogues -> {args.out} (report: {args.out}.report.json)")
+    for rule, counts in report["rules"].items():
+        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v)
+        if shown:
+            print(f"  {rule:<18}{shown}")
+    return 0
+
+
+def _train_config(args):
+    import importlib.resources
+
+    from .train.trainer import TrainConfig
+
+    path = args.config or str(importlib.resources.files("belle_edge").joinpath("train", "configs",
+                                                                               args.default_config))
+    overrides = {k: getattr(args, k, None) for k in ("learning_rate", "epochs", "batch_size", "warmup_steps",
+                                                    "lora_rank", "max_len", "held_out", "save_every", "seed",
+                                                    "lm_weight")}
+    return TrainConfig.load(path, overrides)
+
+
+def _train(args) -> int:
+    if args.train_command == "merge":
+        from .train.sft import run_merge
+
+        out = run_merge(args.run, args.out, base=args.base, force=args.force)
+        print(f"wrote {out}: the base model with the adapter folded in; compile it with belle-edge compile {out}")
+        return 0
+    config = _train_config(args)
+    if args.train_command == "sft":
+        from .train.sft import run_sft
+
+        record = run_sft(args.model, args.data, args.out, config, resume=args.resume, progress=not args.no_progress,
+                         log=_info)
+        print(f"trained {record['steps']} steps, final loss {record['history'][-1]['loss']:.4f}; adapter in "
+              f"{args.out}/adapter; merge with: belle-edge train merge {args.out} --out MODEL_DIR")
+        return 0
+    from .train.distill import run_distill
+
+    record = run_distill(args.student, args.teacher, args.out, config, data=args.data, resume=args.resume,
+                         progress=not args.no_progress, log=_info)
+    print(f"distilled {record['steps']} steps, final loss {record['history'][-1]['loss']:.4f}; model in "
+          f"{args.out}/model; measure with: belle-edge eval-fidelity {args.out}/model")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate.generation import format_metrics
+    from .evaluate.replies import run_eval
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    result = run_eval(args.model, args.data, teacher=args.teacher, max_new_tokens=args.max_new_tokens,
+                      limit=args.limit, window=args.window, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result, indent=1, ensure_ascii=False))
+        return 0
+    print(format_metrics(result["replies"]))
+    ppl = result["assistant_perplexity"]
+    print(f"perplexity on reference reply tokens: {ppl['perplexity']} ({ppl['reply_tokens']} tokens)")
+    if "fidelity" in result:
+        from .evaluate.fidelity import format_table
+
+        print(format_table(result["fidelity"]))
     return 0
 
 

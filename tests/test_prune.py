@@ -63,14 +63,15 @@ def test_pruned_checkpoint_reloads_in_transformers_and_matches_our_model(sources
     from belle_edge.compile.load import load_checkpoint
     from belle_edge.models.decoder import Decoder
     from belle_edge.prune.plan import count_params
-    from belle_edge.prune.writer import write_checkpoint
+    from belle_edge.compile.save import save_checkpoint
 
     # mix keeps the tokens of two English lines: the Chinese ones must then fall back to byte tokens
     extra = {"vocab_corpus": CALIBRATION[3:5]} if mode == "mix" else {}
     src_ckpt, result, printed = _prune(sources[family], mode, **extra)
     plan = result.plan
     assert "prune plan" in printed and "parameters:" in printed
-    out = write_checkpoint(result.checkpoint, str(tmp_path / "pruned"), record=result.record, trim=result.trim)
+    out = save_checkpoint(result.checkpoint, str(tmp_path / "pruned"),
+                          records={"pruning.json": result.record}, trim=result.trim)
 
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     n_hf = sum(p.numel() for p in hf.parameters())
@@ -335,11 +336,12 @@ def test_default_model_pruned_by_the_solver_loads_in_transformers(default_checkp
     from belle_edge.evaluate.texts import chinese_held_out, english_held_out
     from belle_edge.models.decoder import Decoder
     from belle_edge.prune.prune import PruneRequest, prune_checkpoint
-    from belle_edge.prune.writer import write_checkpoint
+    from belle_edge.compile.save import save_checkpoint
 
     result = prune_checkpoint(default_checkpoint, PruneRequest(ratio=0.7, calibration_tokens=512), log=lambda _: None)
     assert abs(result.plan.deviation) <= 0.02 and result.plan.shape.vocab < default_checkpoint.config.vocab_size
-    out = write_checkpoint(result.checkpoint, str(tmp_path / "p70"), record=result.record, trim=result.trim)
+    out = save_checkpoint(result.checkpoint, str(tmp_path / "p70"),
+                          records={"pruning.json": result.record}, trim=result.trim)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert sum(p.numel() for p in hf.parameters()) == result.plan.params_after
     ours = load_checkpoint(out)

@@ -204,14 +204,16 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, positions, turns, mask: MaskConfig, *, caches: list[KVCache] | None = None,
                 start: int = 0, key_positions=None, key_turns=None, last_only: bool = False,
-                fused: FusedInputs | None = None) -> torch.Tensor:
+                fused: FusedInputs | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only``.
 
         input_ids: (B, T). positions, turns: (T,) absolute position and turn of each new token.
         With ``caches``, the new K/V go to slots [start, start+T) and attention covers slots [0, start+T),
         whose positions and turns are ``key_positions`` / ``key_turns`` (start+T,). Without, the keys are
         the new tokens themselves. With ``fused`` (CUDA, ``caches`` required), ``input_ids`` is a device
-        tensor and the tables come from ``fused`` instead of the arguments.
+        tensor and the tables come from ``fused`` instead of the arguments. ``allowed`` (T, K) bool replaces
+        the mask computed from the tables: training rows that pack several dialogues pass ``mask.visible``
+        restricted to each dialogue (belle_edge/train/collate.py).
         """
         if fused is not None:
             return self._forward_fused(input_ids, caches, fused, last_only)
@@ -220,7 +222,9 @@ class Decoder(nn.Module):
         q_pos, q_turn = _as_tensor(positions, device), _as_tensor(turns, device)
         k_pos = q_pos if key_positions is None else _as_tensor(key_positions, device)
         k_turn = q_turn if key_turns is None else _as_tensor(key_turns, device)
-        allowed = visible(q_pos[:, None], q_turn[:, None], k_pos[None, :], k_turn[None, :], mask)  # (T, K)
+        if allowed is None:
+            allowed = visible(q_pos[:, None], q_turn[:, None], k_pos[None, :], k_turn[None, :], mask)  # (T, K)
+        allowed = allowed.to(device)
         mask_bias = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
         rel_pos = (k_pos[None, :] - q_pos[:, None]).float()
         rope = rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.positions == "rope" else None

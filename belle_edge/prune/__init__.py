@@ -1,5 +1,6 @@
 """Structured pruning to a parameter budget: vocabulary, width (heads, MLP channels, hidden size) and depth.
 
 ``prune.prune_checkpoint`` is the pass; ``plan`` the solver, ``calibration`` the measures that rank what to
-keep, ``slicing`` the cut itself, ``vocab`` the tokenizer rewrite, ``writer`` the Hugging Face output.
+keep, ``slicing`` the cut itself, ``vocab`` the tokenizer rewrite;
+``belle_edge.compile.save`` writes the Hugging Face output.
 """

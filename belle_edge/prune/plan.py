@@ -122,19 +122,26 @@ def _fit_width(cfg: ModelConfig, target: int, *, vocab: int, layers: int, multip
         else:
             hi = mid
     shape = width_shape(cfg, max(lo, 1e-6), vocab=vocab, layers=layers, multiple=multiple)
+    up = width_shape(cfg, hi, vocab=vocab, layers=layers, multiple=multiple)
     if shrinks_head_dim(cfg):  # one knob (head size): take whichever neighbour lands nearer the target
-        up = width_shape(cfg, hi, vocab=vocab, layers=layers, multiple=multiple)
         return min((shape, up), key=lambda s: abs(params(s) - target))
-    # the count is affine in the MLP width: solve for it, on a multiple of `multiple` when that is close enough
-    p1 = params(shape)
-    per_channel = params(Shape(**{**shape.__dict__, "intermediate": shape.intermediate + 1})) - p1
-    exact = shape.intermediate + (target - p1) / per_channel
-    for inter in (_round_to(exact, multiple, 1, cfg.intermediate_size),
-                  max(1, min(cfg.intermediate_size, round(exact)))):
-        candidate = Shape(**{**shape.__dict__, "intermediate": inter})
-        if abs(params(candidate) / target - 1) <= TOLERANCE / 4:
-            return candidate
-    return candidate
+    # The count is affine in the MLP width: for the hidden size just below and just above the bisection's
+    # point, solve for the MLP width that lands on the target (on a multiple of `multiple` when that is close
+    # enough), then keep the pair whose MLP is cut most like the hidden size.
+    fits = []
+    for base in dict.fromkeys((shape, Shape(**{**shape.__dict__, "hidden": up.hidden}))):
+        p1 = params(base)
+        per_channel = params(Shape(**{**base.__dict__, "intermediate": base.intermediate + 1})) - p1
+        exact = base.intermediate + (target - p1) / per_channel
+        for inter in (_round_to(exact, multiple, 1, cfg.intermediate_size),
+                      max(1, min(cfg.intermediate_size, round(exact)))):
+            candidate = Shape(**{**base.__dict__, "intermediate": inter})
+            if abs(params(candidate) / target - 1) <= TOLERANCE / 4:
+                fits.append(candidate)
+                break
+    if not fits:
+        return shape
+    return min(fits, key=lambda s: abs(s.intermediate / cfg.intermediate_size - s.hidden / cfg.hidden_size))
 
 
 def solve(cfg: ModelConfig, target: int, mode: str, *, vocab: int | None = None, multiple: int = 8,

@@ -3,7 +3,7 @@
     calibration pass (stats) ─▶ vocabulary (mix) ─▶ solver (plan) ─▶ selection ─▶ slice ─▶ checkpoint
 
 ``prune_checkpoint`` is the one entry; ``belle-edge prune`` writes its result as a Hugging Face directory
-(``writer.py``) and ``belle-edge compile --prune-*`` runs it as the stage after load.
+(``compile/save.py``) and ``belle-edge compile --prune-*`` runs it as the stage after load.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""Writing a (pruned) checkpoint as a stock Hugging Face directory, whole or not at all.
+"""Writing a checkpoint (pruned, fine-tuned, distilled) as a stock Hugging Face directory, whole or not at all.
 
 ``config.json`` + ``model.safetensors`` in the family's own names and layout (BLOOM's QKV re-fused), the
-tokenizer (``tokenizer.json``, ``tokenizer_config.json`` with the chat template), and the record of how it
-was made (``pruning.json``). Everything is written to a hidden sibling folder that is renamed into place
+tokenizer (``tokenizer.json``, ``tokenizer_config.json`` with the chat template), and the records of how it
+was made (``pruning.json``, ``training.json``). Everything is written to a hidden sibling folder that is renamed into place
 last: an interrupted prune leaves no folder that looks complete.
 """
 from __future__ import annotations
@@ -15,10 +15,11 @@ import tempfile
 from ..errors import InputError
 from ..models import family
 
-RECORD = "pruning.json"
 
-
-def write_checkpoint(ckpt, out: str, *, record: dict | None = None, force: bool = False, trim=None) -> str:
+def save_checkpoint(ckpt, out: str, *, records: dict[str, dict] | None = None, force: bool = False,
+                    trim=None) -> str:
+    """Write ``ckpt`` to ``out``; ``records`` maps file names (``pruning.json``) to what they hold; ``trim``
+    (a VocabTrim) re-keys the source's tokenizer_config ids when the vocabulary shrank."""
     from safetensors.torch import save_file
 
     out = os.path.abspath(os.path.expanduser(out))
@@ -36,8 +37,8 @@ def write_checkpoint(ckpt, out: str, *, record: dict | None = None, force: bool 
         ckpt.tokenizer.save(os.path.join(work, "tokenizer.json"))
         with open(os.path.join(work, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(_tokenizer_config(ckpt, trim), f, indent=1, ensure_ascii=False)
-        if record is not None:
-            with open(os.path.join(work, RECORD), "w", encoding="utf-8") as f:
+        for name, record in (records or {}).items():
+            with open(os.path.join(work, name), "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=1, ensure_ascii=False)
         old = None
         if os.path.exists(out):
@@ -61,7 +62,7 @@ def _tokenizer_config(ckpt, trim) -> dict:
         with open(src, encoding="utf-8") as f:
             cfg = json.load(f)
         if trim is not None:
-            from .vocab import remap_tokenizer_config
+            from ..prune.vocab import remap_tokenizer_config
 
             cfg = remap_tokenizer_config(cfg, trim)
     fmt = ckpt.chat_format.to_dict()
