@@ -33,6 +33,13 @@ TRT = ["tensorrt-rtx==1.7.1.116"]  # builds engines ahead of time, no GPU needed
 # Device buffers for the TensorRT runtime backend, no torch. 13.x for TensorRT-RTX's CUDA 13 wheels (driver >= 580);
 # a Jetson (JetPack 6, CUDA 12.6) takes cuda-python 12.x or pycuda instead (jetson/setup.sh).
 CUDA_PYTHON = ["cuda-python==13.4.4"]
+TRAIN = TORCH + [
+    "peft==0.21.2",  # LoRA on the canonical model
+    "sacrebleu==2.6.0",  # BLEU-4 with Chinese tokenisation
+    "jieba==0.42.1",  # word-level ROUGE-L
+    "datasketch==2.0.0",  # MinHash near-duplicate removal
+    "tqdm>=4.66,<5",
+]
 BENCH = ["matplotlib==3.11.2"]
 BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
 # shellcheck for jetson/; torch-pruning's traced dependency graph checks the groups prune/slicing.py declares
@@ -44,11 +51,12 @@ setup(
     description="Compile BELLE-family chat LLMs for Jetson Orin, RTX 3090 and A100, and chat with them on device",
     python_requires=">=3.10",
     packages=find_packages(include=["belle_edge", "belle_edge.*", "benchmarks"]),
-    package_data={"belle_edge": ["data/*.txt"]},
+    package_data={"belle_edge": ["data/*.txt", "data/*.jsonl", "train/configs/*.json"]},
     install_requires=RUNTIME,
     extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "trt": COMPILE + TRT,
                     "trt-runtime": ONNX + TRT + CUDA_PYTHON,  # chat on TensorRT (ONNX Runtime as the fallback)
+                    "train": TRAIN,
                     "bench": COMPILE + BENCH, "bench-llamacpp": COMPILE + BENCH + BENCH_LLAMACPP,
-                    "test": COMPILE + TRT + CUDA_PYTHON + BENCH + TEST},
+                    "test": COMPILE + TRT + CUDA_PYTHON + TRAIN + BENCH + TEST},
     entry_points={"console_scripts": ["belle-edge=belle_edge.cli:main"]},
 )

@@ -187,6 +187,7 @@ def _add_train_args(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--save-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--lm-weight", type=float, help="distill: weight of the language-model loss")
+    p.add_argument("--max-rows", type=int, help="train on a seeded sample of at most N packed rows")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(default_config=default_config)
@@ -329,7 +330,9 @@ def _data_clean(args) -> int:
     report = clean_file(args.input, args.out, config, tokenizer=tokenizer)
     print(f"kept {report['output']} of {report['input']} dialogues -> {args.out} (report: {args.out}.report.json)")
     for rule, counts in report["rules"].items():
-        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v)
+        shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()
+                          if isinstance(v, int) and not isinstance(v, bool) and v)
+        shown += "".join(f", {kind} {n} masked" for kind, n in counts.get("masked", {}).items() if n)
         if shown:
             print(f"  {rule:<18}{shown}")
     return 0
@@ -344,7 +347,7 @@ def _train_config(args):
                                                                                args.default_config))
     overrides = {k: getattr(args, k, None) for k in ("learning_rate", "epochs", "batch_size", "warmup_steps",
                                                     "lora_rank", "max_len", "held_out", "save_every", "seed",
-                                                    "lm_weight")}
+                                                    "lm_weight", "max_rows")}
     return TrainConfig.load(path, overrides)
 
 

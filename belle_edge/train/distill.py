@@ -1,0 +1,134 @@
+"""``belle-edge train distill STUDENT --teacher TEACHER``: win back what pruning cost by matching the
+teacher's next-token distributions (KL(teacher || student) at temperature tau, scaled by tau^2, optionally
+plus the language-model loss), full-parameter (``lora_rank`` 0, the default here) or LoRA.
+
+The student may have a smaller vocabulary (vocabulary pruning): the teacher's logits are taken on the
+student's tokens (matched by string, as ``eval-fidelity`` does), so both distributions live on the shared
+vocabulary. Data: plain text (default: the calibration text pruning used) cut into rows, or BELLE dialogues
+(``.jsonl``), whose rows carry the turn-window mask and whose loss covers the replies only.
+
+The run folder holds ``model/`` (the distilled checkpoint, with ``training.json`` and the student's
+``pruning.json``), ``checkpoints/`` and ``training.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..mask import MaskConfig
+from .collate import Row, encode_dialogue, pack
+from .sft import RECORD, ReplyLoss, lora, mask_of, trainable_share
+from .trainer import TrainConfig, sample_rows, train
+
+DEFAULT_DISTILL_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "distill.json")
+
+
+class DistillLoss(ReplyLoss):
+    def __init__(self, teacher, to_teacher: torch.Tensor, mask: MaskConfig, *, temperature: float, lm_weight: float):
+        super().__init__(mask)
+        self.teacher, self.to_teacher = teacher, to_teacher
+        self.tau, self.lm_weight = temperature, lm_weight
+
+    def __call__(self, model, row: Row):
+        targets = torch.from_numpy(row.targets)
+        keep = targets != -100
+        shared = self.to_teacher.shape[0]
+        student = self.logits(model, row)[:-1][keep][:, :shared].float()
+        with torch.no_grad():
+            allowed = torch.from_numpy(row.allowed(self.mask))
+            teacher = self.teacher(self.to_teacher[torch.from_numpy(row.ids)][None], row.positions, row.turns,
+                                   self.mask, allowed=allowed)[0][:-1][keep][:, self.to_teacher].float()
+        log_t = torch.log_softmax(teacher / self.tau, -1)
+        log_s = torch.log_softmax(student / self.tau, -1)
+        loss = (log_t.exp() * (log_t - log_s)).sum() * self.tau ** 2
+        if self.lm_weight:
+            loss = loss + self.lm_weight * F.cross_entropy(student, targets[keep], reduction="sum")
+        return loss, int(keep.sum())
+
+
+def text_rows(tokenizer, texts: list[str], max_len: int) -> list[Row]:
+    """Plain text cut into ``max_len``-token rows; every next token is a target, attention causal."""
+    rows = []
+    for text in texts:
+        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int64)
+        for a in range(0, len(ids) - 1, max_len):
+            chunk = ids[a:a + max_len]
+            if len(chunk) < 2:
+                continue
+            n = len(chunk)
+            rows.append(Row(ids=chunk, positions=np.arange(n), turns=np.zeros(n, np.int64),
+                            segments=np.zeros(n, np.int64), loss=np.ones(n, bool)))
+    return rows
+
+
+def run_distill(student_path: str, teacher_path: str | None, out: str, config: TrainConfig, *,
+                data: list[str] | None = None, resume: bool = False, progress: bool = True, log=print) -> dict:
+    from ..compile.load import load_checkpoint
+    from ..compile.save import save_checkpoint
+    from ..evaluate.fidelity import token_map
+    from ..models.decoder import Decoder
+    from ..prune.calibration import default_calibration_texts
+    from .data import read_dialogues
+
+    pruning = None
+    record_path = os.path.join(student_path, "pruning.json")
+    if os.path.isfile(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            pruning = json.load(f)
+    if teacher_path is None:
+        teacher_path = (pruning or {}).get("teacher", {}).get("path")
+        if teacher_path is None:
+            raise InputError(f"{student_path}: no pruning.json naming its teacher; pass --teacher")
+    if os.path.exists(os.path.join(out, RECORD)) and not resume:
+        raise InputError(f"{out}: already holds a finished run; choose another --out (or --resume an interrupted one)")
+    t0 = time.perf_counter()
+    student_ckpt = load_checkpoint(student_path)
+    teacher_ckpt = load_checkpoint(None if teacher_path == "default" else teacher_path)
+    to_teacher = token_map(student_ckpt.tokenizer, teacher_ckpt.tokenizer, where=student_path)
+    mask = mask_of(config)
+    if data:
+        rows, texts, dialogues = [], [], []
+        for path in data:
+            if path.endswith(".jsonl"):
+                dialogues += read_dialogues(path)
+            else:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        texts.append(f.read())
+                except (OSError, UnicodeDecodeError) as e:
+                    raise InputError(f"--data {path}: cannot read as UTF-8 text ({e})") from None
+        examples = [encode_dialogue(d, student_ckpt.tokenizer, student_ckpt.chat_format) for d in dialogues]
+        rows = pack(examples, config.max_len)[0] + text_rows(student_ckpt.tokenizer, texts, config.max_len)
+        data_name = [os.path.abspath(p) for p in data]
+    else:
+        rows = text_rows(student_ckpt.tokenizer, default_calibration_texts(), config.max_len)
+        data_name = "calibration text (pydoc_data.topics even topics + zh_calibration.txt)"
+    rows = sample_rows(rows, config)
+    teacher = Decoder.from_state_dict(teacher_ckpt.config, teacher_ckpt.state_dict).requires_grad_(False)
+    student = Decoder.from_state_dict(student_ckpt.config, student_ckpt.state_dict)
+    model = lora(student, config) if config.lora_rank else student
+    share = trainable_share(model)
+    log(f"distilling {student_path} from {teacher_path}: {'LoRA' if config.lora_rank else 'full-parameter'}, "
+        f"{share['trainable']:,} trainable of {share['total']:,}; {len(rows)} rows, "
+        f"{sum(ReplyLoss.count(r) for r in rows):,} target tokens")
+    loss = DistillLoss(teacher, to_teacher, mask, temperature=config.temperature, lm_weight=config.lm_weight)
+    result = train(model, rows, loss, config, out, resume=resume, progress=progress, log=log)
+    if config.lora_rank:
+        model = model.merge_and_unload()
+    student_ckpt.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    record = {"kind": "distill", "student": os.path.abspath(student_path),
+              "teacher": {"path": teacher_path, "source": teacher_ckpt.source}, "data": data_name,
+              "config": config.to_dict(), "parameters": share, "seconds": round(time.perf_counter() - t0, 1), **result}
+    records = {RECORD: record}
+    if pruning is not None:
+        records["pruning.json"] = pruning  # eval-fidelity still finds the teacher
+    save_checkpoint(student_ckpt, os.path.join(out, "model"), records=records, force=True)
+    with open(os.path.join(out, RECORD), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, ensure_ascii=False)
+    return record
