@@ -198,7 +198,7 @@ def _count(text: str) -> int:
     t = text.strip().lower().replace(",", "").replace("_", "")
     try:
         return int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(float(t))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"expected a parameter count like 58000000, 58M or 3B, got {text!r}") from None
 
 
@@ -252,7 +252,7 @@ def _compile(args) -> int:
                            force=args.force, chat_format=args.chat_format, allow_pickle=args.allow_pickle,
                            block_size=args.block_size, attention=args.attention, max_kv_tokens=args.max_kv_tokens,
                            engine=not args.no_engine,
-                           prune=prune_request(args) if args.target_params or args.ratio else None)
+                           prune=None if args.target_params is None and args.ratio is None else prune_request(args))
     manifest = compile_model(config, progress=not args.no_progress)
     print(f"wrote {args.out}")
     _print_manifest(manifest)
@@ -268,7 +268,8 @@ def _read_texts(paths: list[str] | None, flag: str) -> tuple[str, ...] | None:
             with open(path, encoding="utf-8") as f:
                 texts.append(f.read())
         except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{flag} {path}: cannot read as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+            reason = getattr(e, "strerror", None) or e
+            raise InputError(f"{flag} {path}: cannot read as UTF-8 text ({reason})") from None
         if not texts[-1].strip():
             raise InputError(f"{flag} {path}: the file is empty")
     return tuple(texts)
@@ -295,6 +296,8 @@ def _prune(args) -> int:
         raise InputError(f"{args.out}: already exists; pass --force to replace it")
     request = prune_request(args, dry_run=args.dry_run)
     ckpt = load_checkpoint(args.model, allow_pickle=args.allow_pickle)
+    if args.out and os.path.realpath(args.out) == os.path.realpath(ckpt.source):
+        raise InputError(f"{args.out}: is the model being pruned; --out must be another folder")
     result = prune_checkpoint(ckpt, request)
     if args.dry_run:
         return 0
@@ -307,7 +310,8 @@ def _prune(args) -> int:
     student = Decoder.from_state_dict(result.checkpoint.config, result.checkpoint.state_dict)
     fidelity = measure(teacher, ckpt.tokenizer, student, result.checkpoint.tokenizer, texts=held_out_texts())
     record = {**result.record, "fidelity": fidelity,
-              "teacher": {"path": "default" if args.model is None else ckpt.source, "source": ckpt.source, "fingerprint": ckpt.fingerprint}}
+              "teacher": {"path": "default" if args.model is None else ckpt.source, "source": ckpt.source,
+                          "fingerprint": ckpt.fingerprint}}
     out = save_checkpoint(result.checkpoint, args.out, records={"pruning.json": record},
                           force=args.force, trim=result.trim)
     from .evaluate.fidelity import format_table

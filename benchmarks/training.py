@@ -35,7 +35,7 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "belle_edge", "data")
 # needs a higher rate, smaller batches and a short warm-up.
 SFT_OVERRIDES = {"learning_rate": 1e-3, "batch_size": 4, "epochs": 2, "warmup_steps": 4, "max_len": 512,
                  "held_out": 0.0, "save_every": 10}
-DISTILL_OVERRIDES = {"epochs": 2}
+DISTILL_OVERRIDES = {"epochs": 2, "max_rows": 64, "learning_rate": 5e-4}
 
 
 def main() -> None:
@@ -95,12 +95,14 @@ def to_markdown(r: dict) -> str:
                   f"{s['data']['train']} dialogues, {s['data']['rows']} packed rows, {s['data']['target_tokens']:,} "
                   f"reply tokens; LoRA rank {s['config']['lora_rank']}: {s['parameters']['trainable']:,} of "
                   f"{s['parameters']['total']:,} parameters trainable ({s['parameters']['share']:.2%}); "
-                  f"{s['steps']} steps in {s['train_seconds']:.0f} s; loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}. "
+                  f"{s['steps']} steps in {s['train_seconds']:.0f} s; "
+                  f"loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}. "
                   f"Overrides of the seed recipe: {s['overrides']}.", "",
                   f"Held-out: {s['before']['dialogues']} dialogues, {s['before']['replies']['scored']} replies "
                   f"(greedy, <= {s['before']['decoding']['max_new_tokens']} new tokens, window "
                   f"{s['before']['decoding']['window']}).", "",
-                  "| model | BLEU-4 | ROUGE-L char | ROUGE-L word (jieba) | reply perplexity |", "|---|---|---|---|---|"]
+                  "| model | BLEU-4 | ROUGE-L char | ROUGE-L word (jieba) | reply perplexity |",
+                  "|---|---|---|---|---|"]
         for name in ("before", "after"):
             e = s[name]
             lines.append(f"| {'base' if name == 'before' else 'LoRA merged'} | {e['replies']['bleu4']} | "

@@ -92,7 +92,8 @@ def test_pruned_checkpoint_reloads_in_transformers_and_matches_our_model(sources
     assert hf.config.vocab_size == cfg.vocab_size
     if family == "llama":
         assert cfg.hidden_size % cfg.num_heads == 0  # transformers' LlamaConfig insists
-        assert hf.config.num_key_value_heads == cfg.num_kv_heads and hf.config.intermediate_size == cfg.intermediate_size
+        assert hf.config.num_key_value_heads == cfg.num_kv_heads
+        assert hf.config.intermediate_size == cfg.intermediate_size
     else:
         assert hf.config.n_head == src_ckpt.config.num_heads  # every head (and its ALiBi slope) stays
 
@@ -259,6 +260,34 @@ def test_bad_budgets_and_inputs_are_one_line_errors(sources, tmp_path):
         calibration_ids(ckpt.tokenizer, [""], tokens=64)
 
 
+def test_llama_plans_keep_hidden_a_multiple_of_the_heads():
+    """transformers refuses a LLaMA config whose hidden size is not a multiple of its head count."""
+    from belle_edge.models.config import ModelConfig
+    from belle_edge.prune.plan import count_params, solve
+
+    cfg = ModelConfig(family="llama", vocab_size=32000, hidden_size=4096, num_layers=4, num_heads=32,
+                      num_kv_heads=8, head_dim=128, intermediate_size=11008, max_positions=4096, norm_eps=1e-5,
+                      norm="rms", mlp="swiglu", positions="rope", tie_embeddings=False)
+    full = count_params(cfg)
+    for ratio in np.linspace(0.3, 0.9, 13):
+        for plan in solve(cfg, int(ratio * full), "width"):
+            assert plan.shape.hidden % (plan.shape.kv_heads * plan.shape.group) == 0, (ratio, plan.shape)
+            assert abs(plan.deviation) <= 0.02, (ratio, plan.deviation)
+
+
+def test_fidelity_handles_any_token_count(sources):
+    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.evaluate.fidelity import measure
+    from belle_edge.models.decoder import Decoder
+
+    ckpt = load_checkpoint(sources["llama"])
+    model = Decoder.from_state_dict(ckpt.config, ckpt.state_dict)
+    for tokens in (9, 10, 12):  # 9 = 2 x 4 + 1: a one-token last chunk
+        r = measure(model, ckpt.tokenizer, model, ckpt.tokenizer, texts={"t": CALIBRATION[0] * 3}, tokens=tokens,
+                    seq=4)["texts"]["t"]
+        assert r["kl_mean"] < 1e-9 and r["ppl_ratio"] == 1.0
+
+
 def _cli(*args):
     from belle_edge.cli import main
 
@@ -288,7 +317,8 @@ def test_cli_prune_then_eval_fidelity(sources, tmp_path, capsys):
     # refusals: one line, exit 2, nothing written
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n", encoding="utf-8")
-    for argv in (["prune", sources["llama"], "--ratio", "0.5", "--calibration", str(empty), "--out", str(tmp_path / "x")],
+    x = str(tmp_path / "x")
+    for argv in (["prune", sources["llama"], "--ratio", "0.5", "--calibration", str(empty), "--out", x],
                  ["prune", sources["llama"], "--ratio", "2", "--out", str(tmp_path / "x")],
                  ["prune", sources["llama"], "--target-params", "10", "--mode", "depth", "--out", str(tmp_path / "x")],
                  ["prune", sources["llama"], "--ratio", "0.5", "--out", out],

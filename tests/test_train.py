@@ -66,7 +66,8 @@ def test_collator_tokenizes_like_the_session_and_marks_only_replies(llama):
     assert ex.turns[0] == 0 and list(np.unique(ex.turns)) == [0, 1, 2, 3]
     assert (np.diff(ex.turns) >= 0).all()
     prompt = encode_dialogue(d, tok, fmt, prompt_for=2)
-    assert tok.decode(prompt.ids.tolist(), skip_special_tokens=False).endswith("能改地址吗？<|im_end|>\n<|im_start|>assistant\n")
+    prompt_text = tok.decode(prompt.ids.tolist(), skip_special_tokens=False)
+    assert prompt_text.endswith("能改地址吗？<|im_end|>\n<|im_start|>assistant\n")
     assert np.array_equal(prompt.ids, ex.ids[:len(prompt.ids)])
 
 
@@ -134,23 +135,42 @@ def test_sft_trains_lora_saves_checkpoints_and_resumes_exactly(llama, data_file,
     losses = [h["loss"] for h in record["history"]]
     assert losses[-1] < losses[0]
     assert 0 < record["parameters"]["share"] < 0.2
-    assert record["steps"] == len(os.listdir(os.path.join(run, "checkpoints")))
+    steps = record["steps"]
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == [f"step-{steps - 1}", f"step-{steps}"]
     assert os.path.isfile(os.path.join(run, "adapter", "adapter_config.json"))
-    final = load_file(os.path.join(run, "checkpoints", f"step-{record['steps']}", "trainable.safetensors"))
-    # an interrupted copy: checkpoints up to step 2, the last one half-written, no final record
+    final = load_file(os.path.join(run, "checkpoints", f"step-{steps}", "trainable.safetensors"))
+    # an interrupted copy: the last save half-written (no state.json, and a .partial folder), no final record
     cut = str(tmp_path / "cut")
     shutil.copytree(run, cut)
-    for d in os.listdir(os.path.join(cut, "checkpoints")):
-        if int(d.split("-")[1]) > 2:
-            shutil.rmtree(os.path.join(cut, "checkpoints", d))
-    os.remove(os.path.join(cut, "checkpoints", "step-2", "state.json"))
+    os.remove(os.path.join(cut, "checkpoints", f"step-{steps}", "state.json"))
+    os.rename(os.path.join(cut, "checkpoints", f"step-{steps}"), os.path.join(cut, "checkpoints", f"step-{steps}.partial"))
+    shutil.copy(os.path.join(cut, "checkpoints", f"step-{steps - 1}", "state.json"),
+                os.path.join(cut, "checkpoints", f"step-{steps}.partial", "state.json"))
     os.remove(os.path.join(cut, "training.json"))
     messages = []
     resumed = run_sft(path, data_file, cut, _config(), resume=True, progress=False, log=messages.append)
-    assert any("resumed from" in m and "step-1" in m for m in messages)
+    assert any("resumed from" in m and m.split()[2].endswith(f"step-{steps - 1}") for m in messages), messages
     assert [h["loss"] for h in resumed["history"]] == losses
-    again = load_file(os.path.join(cut, "checkpoints", f"step-{record['steps']}", "trainable.safetensors"))
+    again = load_file(os.path.join(cut, "checkpoints", f"step-{steps}", "trainable.safetensors"))
     assert all(torch.equal(final[k], again[k]) for k in final)
+    # the fixed seed makes a fresh run identical too (LoRA's initial matrices included)
+    fresh = run_sft(path, data_file, str(tmp_path / "fresh"), _config(), progress=False, log=lambda _: None)
+    assert [h["loss"] for h in fresh["history"]] == losses
+
+
+def test_default_lora_targets_fit_bloom(tiny_tokenizer, tmp_path):
+    from conftest import make_tiny_bloom
+
+    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.models.decoder import Decoder
+    from belle_edge.train.sft import lora
+    from belle_edge.train.trainer import DEFAULT_SFT_CONFIG, TrainConfig
+
+    make_tiny_bloom(str(tmp_path), tiny_tokenizer)
+    ckpt = load_checkpoint(str(tmp_path))
+    model = lora(Decoder.from_state_dict(ckpt.config, ckpt.state_dict), TrainConfig.load(DEFAULT_SFT_CONFIG))
+    wrapped = {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert "gate_proj" not in wrapped and {"q_proj", "up_proj", "down_proj"} <= wrapped
 
 
 def test_merge_equals_base_plus_adapter_and_loads_in_transformers(llama, data_file, tmp_path):

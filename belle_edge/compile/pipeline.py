@@ -131,14 +131,18 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
         steps.insert(1, "prune")
     bar = _progress(len(steps), enabled=progress)
 
-    with _stage("load", stages, bar) as rec:
-        ckpt = load_checkpoint(config.model, allow_pickle=config.allow_pickle, chat_format=config.chat_format)
+    def fits(ckpt) -> dict:  # the target's memory budget, for the model that will actually ship
         cfg = ckpt.config
         params = int(sum(v.numel() for k, v in ckpt.state_dict.items() if not k.endswith("slopes")))
-        memory = check_memory(get_target(config.target), config.precision, params=params, layers=cfg.num_layers,
-                              kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                              kv_tokens=min(config.max_kv_tokens, cfg.max_positions))
-        rec.update(source=ckpt.source, kind=ckpt.kind, family=cfg.family, parameters=params, memory=memory)
+        return {"parameters": params, "memory": check_memory(
+            get_target(config.target), config.precision, params=params, layers=cfg.num_layers,
+            kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, kv_tokens=min(config.max_kv_tokens, cfg.max_positions))}
+
+    with _stage("load", stages, bar) as rec:
+        ckpt = load_checkpoint(config.model, allow_pickle=config.allow_pickle, chat_format=config.chat_format)
+        rec.update(source=ckpt.source, kind=ckpt.kind, family=ckpt.config.family)
+        if "prune" not in steps:  # a model too big for the target may still fit once pruned
+            rec.update(fits(ckpt))
     if "prune" in steps:
         with _stage("prune", stages, bar) as rec:
             from ..prune.prune import prune_checkpoint
@@ -146,10 +150,13 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
             result = prune_checkpoint(ckpt, config.prune, log=lambda line: print(line, file=sys.stderr))
             ckpt = result.checkpoint
             rec.update(result.record)
+            rec.update(fits(ckpt))
     quantized = None
     if "quantize" in steps:
         with _stage("quantize", stages, bar) as rec:
-            blocks = gguf_blocks(ckpt.source, ckpt.config) if ckpt.kind == "gguf" else None
+            # a GGUF's own blocks are carried over only while the weights are still the file's
+            carried = ckpt.kind == "gguf" and "prune" not in steps
+            blocks = gguf_blocks(ckpt.source, ckpt.config) if carried else None
             quantized, record = quantize_weights(ckpt.config, ckpt.state_dict, config.precision,
                                                  block_size=config.block_size, gguf_blocks=blocks)
             rec.update(record)

@@ -36,10 +36,10 @@ def calibration_ids(tokenizer, texts: list[str], *, tokens: int, where: str = "c
     per_text = max(1, tokens // max(1, len(texts)))
     chunks = []
     for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids[:per_text]
-        if ids:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids[:max(2, per_text)]
+        if len(ids) >= 2:  # a one-token chunk has no next token to learn anything from
             chunks.append(np.asarray(ids, dtype=np.int64))
-    if not chunks or sum(len(c) for c in chunks) < 2:
+    if not chunks:
         raise InputError(f"{where}: tokenizes to nothing (no tokens to calibrate on)")
     return chunks
 
@@ -70,7 +70,8 @@ def forward_chunks(model, chunks: list[np.ndarray], *, seq: int = 512):
 def collect_stats(model, chunks: list[np.ndarray], *, seq: int = 512) -> Stats:
     cfg = model.cfg
     n_layers, heads, d = cfg.num_layers, cfg.num_heads, cfg.head_dim
-    acc = {"bi": torch.zeros(n_layers, dtype=torch.float64), "hidden": torch.zeros(cfg.hidden_size, dtype=torch.float64),
+    acc = {"bi": torch.zeros(n_layers, dtype=torch.float64),
+           "hidden": torch.zeros(cfg.hidden_size, dtype=torch.float64),
            "mlp": [0.0] * n_layers, "heads": [0.0] * n_layers, "v": [0.0] * n_layers,
            "q2": [0.0] * n_layers, "k2": [0.0] * n_layers}
     hooks = []

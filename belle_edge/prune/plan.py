@@ -65,6 +65,13 @@ def _round_to(x: float, multiple: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, int(round(x / multiple)) * multiple or multiple))
 
 
+def _hidden_step(cfg: ModelConfig, heads: int, multiple: int) -> int:
+    """LLaMA hidden sizes move in multiples of the head count (transformers' LlamaConfig refuses others, even
+    with head_dim given) and of ``multiple`` where that is not too coarse."""
+    m = math.lcm(multiple, heads)
+    return m if m <= cfg.hidden_size // 4 else heads
+
+
 def width_shape(cfg: ModelConfig, s: float, *, vocab: int, layers: int, multiple: int) -> Shape:
     """The shape at width scale ``s`` (0 < s <= 1)."""
     if shrinks_head_dim(cfg):
@@ -77,7 +84,7 @@ def width_shape(cfg: ModelConfig, s: float, *, vocab: int, layers: int, multiple
     # transformers' LlamaConfig refuses a hidden size that is not a multiple of the head count (even with
     # head_dim given); within that, a multiple of `multiple` where it is not too coarse
     heads = kv * group
-    m = math.lcm(multiple, heads) if math.lcm(multiple, heads) <= cfg.hidden_size // 4 else heads
+    m = _hidden_step(cfg, heads, multiple)
     hidden = _round_to(s * cfg.hidden_size, m, m, cfg.hidden_size // heads * heads)
     inter = _round_to(s * cfg.intermediate_size, min(multiple, cfg.intermediate_size), 1, cfg.intermediate_size)
     return Shape(vocab, layers, hidden, kv, group, cfg.head_dim, inter)
@@ -122,14 +129,16 @@ def _fit_width(cfg: ModelConfig, target: int, *, vocab: int, layers: int, multip
         else:
             hi = mid
     shape = width_shape(cfg, max(lo, 1e-6), vocab=vocab, layers=layers, multiple=multiple)
-    up = width_shape(cfg, hi, vocab=vocab, layers=layers, multiple=multiple)
     if shrinks_head_dim(cfg):  # one knob (head size): take whichever neighbour lands nearer the target
+        up = width_shape(cfg, hi, vocab=vocab, layers=layers, multiple=multiple)
         return min((shape, up), key=lambda s: abs(params(s) - target))
     # The count is affine in the MLP width: for the hidden size just below and just above the bisection's
     # point, solve for the MLP width that lands on the target (on a multiple of `multiple` when that is close
     # enough), then keep the pair whose MLP is cut most like the hidden size.
     fits = []
-    for base in dict.fromkeys((shape, Shape(**{**shape.__dict__, "hidden": up.hidden}))):
+    heads = shape.kv_heads * shape.group
+    bigger = min(shape.hidden + _hidden_step(cfg, heads, multiple), cfg.hidden_size // heads * heads)
+    for base in dict.fromkeys((shape, Shape(**{**shape.__dict__, "hidden": bigger}))):
         p1 = params(base)
         per_channel = params(Shape(**{**base.__dict__, "intermediate": base.intermediate + 1})) - p1
         exact = base.intermediate + (target - p1) / per_channel
@@ -178,6 +187,8 @@ def solve(cfg: ModelConfig, target: int, mode: str, *, vocab: int | None = None,
             raise InputError(f"target of {target:,} parameters is too small for {mode} pruning: the narrowest model "
                              f"it can make has {count_params(config_for(cfg, smallest)):,}")
     plans = [Plan(mode, cfg, s, target, before, count_params(config_for(cfg, s))) for s in dict.fromkeys(shapes)]
+    for p in plans:
+        assert p.shape.hidden % (p.shape.kv_heads * p.shape.group) == 0, p.shape  # a stock config must hold it
     within = [p for p in plans if abs(p.deviation) <= TOLERANCE]  # e.g. a depth that leaves too little to fill
     return within or [min(plans, key=lambda p: abs(p.deviation))]
 

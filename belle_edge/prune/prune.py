@@ -145,8 +145,9 @@ def select(plan: Plan, stats: Stats, trim) -> Selection:
         if s.intermediate < cfg.intermediate_size:
             sel.mlp[i] = _top(stats.mlp[i], s.intermediate)
         if s.head_dim < cfg.head_dim:  # every head stays and keeps its most useful dims
-            sel.qk_dims[i] = stats.qk_dims[i].view(cfg.num_heads, cfg.head_dim).topk(s.head_dim, -1).indices.sort(-1).values
-            sel.v_dims[i] = stats.v_dims[i].view(cfg.num_heads, cfg.head_dim).topk(s.head_dim, -1).indices.sort(-1).values
+            for name in ("qk_dims", "v_dims"):
+                per_head = getattr(stats, name)[i].view(cfg.num_heads, cfg.head_dim)
+                getattr(sel, name)[i] = per_head.topk(s.head_dim, -1).indices.sort(-1).values
         elif s.kv_heads * s.group < cfg.num_heads:  # whole heads go, in GQA groups
             per_group = stats.q_heads[i].view(cfg.num_kv_heads, cfg.group_size)
             best = per_group.topk(s.group, -1)

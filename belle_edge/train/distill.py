@@ -24,7 +24,8 @@ from ..errors import InputError
 from ..mask import MaskConfig
 from .collate import Row, encode_dialogue, pack
 from .sft import RECORD, ReplyLoss, lora, mask_of, trainable_share
-from .trainer import TrainConfig, sample_rows, train
+from .data import write_text_atomic
+from .trainer import TrainConfig, sample_rows, seed_everything, train
 
 DEFAULT_DISTILL_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "distill.json")
 
@@ -112,6 +113,7 @@ def run_distill(student_path: str, teacher_path: str | None, out: str, config: T
     rows = sample_rows(rows, config)
     teacher = Decoder.from_state_dict(teacher_ckpt.config, teacher_ckpt.state_dict).requires_grad_(False)
     student = Decoder.from_state_dict(student_ckpt.config, student_ckpt.state_dict)
+    seed_everything(config.seed)
     model = lora(student, config) if config.lora_rank else student
     share = trainable_share(model)
     log(f"distilling {student_path} from {teacher_path}: {'LoRA' if config.lora_rank else 'full-parameter'}, "
@@ -129,6 +131,5 @@ def run_distill(student_path: str, teacher_path: str | None, out: str, config: T
     if pruning is not None:
         records["pruning.json"] = pruning  # eval-fidelity still finds the teacher
     save_checkpoint(student_ckpt, os.path.join(out, "model"), records=records, force=True)
-    with open(os.path.join(out, RECORD), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, ensure_ascii=False)
+    write_text_atomic(os.path.join(out, RECORD), [json.dumps(record, indent=1, ensure_ascii=False)])
     return record

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..mask import MaskConfig
 from .collate import Row, encode_dialogue, pack
-from .trainer import TrainConfig, sample_rows, train
+from .data import write_text_atomic
+from .trainer import TrainConfig, sample_rows, seed_everything, train
 
 RECORD = "training.json"
 
@@ -61,12 +62,15 @@ def lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in config.lora_targets if t not in present]
+    targets = list(config.lora_targets)
+    if tuple(targets) == TrainConfig.lora_targets:  # the default list: what this family has (BLOOM: no gate_proj)
+        targets = [t for t in targets if t in present]
+    missing = [t for t in targets if t not in present]
     if missing:
         raise InputError(f"lora_targets {missing}: not modules of this model (it has q_proj, k_proj, v_proj, o_proj, "
                          "up_proj, down_proj and, for LLaMA, gate_proj)")
     return get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                                            lora_dropout=config.lora_dropout, target_modules=list(config.lora_targets)))
+                                            lora_dropout=config.lora_dropout, target_modules=targets))
 
 
 def trainable_share(model) -> dict:
@@ -98,6 +102,7 @@ def run_sft(model_path: str | None, data_path: str, out: str, config: TrainConfi
     write_dialogues(train_set, os.path.join(out, "train.jsonl"))
     write_dialogues(held, os.path.join(out, "held_out.jsonl"))
 
+    seed_everything(config.seed)  # LoRA's initial A matrices come from torch's generator
     model = lora(Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source), config)
     share = trainable_share(model)
     log(f"LoRA rank {config.lora_rank} on {', '.join(config.lora_targets)}: {share['trainable']:,} trainable "
@@ -112,8 +117,7 @@ def run_sft(model_path: str | None, data_path: str, out: str, config: TrainConfi
                        "target_tokens": sum(ReplyLoss.count(r) for r in rows)},
               "config": config.to_dict(), "parameters": share, "mask": {"window": config.window, "sinks": config.sinks},
               "seconds": round(time.perf_counter() - t0, 1), **result}
-    with open(os.path.join(out, RECORD), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, ensure_ascii=False)
+    write_text_atomic(os.path.join(out, RECORD), [json.dumps(record, indent=1, ensure_ascii=False)])
     return record
 
 

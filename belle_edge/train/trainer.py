@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import InputError
 
+KEEP_CHECKPOINTS = 2
 DEFAULT_SFT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "sft.json")
 
 
@@ -68,11 +70,15 @@ class TrainConfig:
         return cfg
 
     def check(self, where: str) -> None:
-        for name in ("learning_rate", "epochs", "batch_size", "max_len"):
+        for name in ("learning_rate", "epochs", "temperature", "max_grad_norm"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise InputError(f"{where}: field {name}: expected a positive number, got {value!r}")
-        for name in ("warmup_steps", "lora_rank", "save_every", "max_rows"):
+        for name in ("batch_size", "max_len", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InputError(f"{where}: field {name}: expected a positive whole number, got {value!r}")
+        for name in ("warmup_steps", "lora_rank", "save_every", "max_rows", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InputError(f"{where}: field {name}: expected a whole number >= 0, got {value!r}")
@@ -162,8 +168,14 @@ def train(model: torch.nn.Module, rows: list, loss_fn, config: TrainConfig, out:
 def latest_checkpoint(root: str) -> str | None:
     if not os.path.isdir(root):
         return None
-    done = [d for d in os.listdir(root) if d.startswith("step-") and os.path.isfile(os.path.join(root, d, "state.json"))]
-    return os.path.join(root, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
+    done = _steps(root)
+    return os.path.join(root, f"step-{done[-1]}") if done else None
+
+
+def _steps(root: str) -> list[int]:
+    """Steps of the complete checkpoints under ``root``, ascending (``step-N.partial`` is not one)."""
+    names = (re.fullmatch(r"step-(\d+)", d) for d in os.listdir(root))
+    return sorted(int(m.group(1)) for m in names if m and os.path.isfile(os.path.join(root, m.group(0), "state.json")))
 
 
 def _save(folder, model, names, optimizer, scheduler, step, history) -> None:
@@ -180,6 +192,9 @@ def _save(folder, model, names, optimizer, scheduler, step, history) -> None:
         json.dump({"step": step, "history": history}, f)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    root = os.path.dirname(folder)
+    for old in _steps(root)[:-KEEP_CHECKPOINTS]:  # a full-parameter checkpoint is weights + 2 AdamW moments
+        shutil.rmtree(os.path.join(root, f"step-{old}"), ignore_errors=True)
 
 
 def _restore(folder, model, names, optimizer, scheduler):
