@@ -33,7 +33,7 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "belle_edge", "data")
 # The seed recipe (lr 3e-5, batch 16, 3 epochs, 200 warm-up steps) is for a 7B model and ~1M dialogues; on
 # 133 dialogues it would take 2 optimizer steps per epoch, all inside the warm-up. A LoRA run this small
 # needs a higher rate, smaller batches and a short warm-up.
-SFT_OVERRIDES = {"learning_rate": 1e-3, "batch_size": 4, "epochs": 2, "warmup_steps": 4, "max_len": 512,
+SFT_OVERRIDES = {"learning_rate": 1e-3, "batch_size": 4, "epochs": 2, "warmup_steps": 3, "max_len": 1024,
                  "held_out": 0.0, "save_every": 10}
 DISTILL_OVERRIDES = {"epochs": 2, "max_rows": 64, "learning_rate": 5e-4}
 
