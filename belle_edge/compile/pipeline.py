@@ -66,7 +66,7 @@ def compile_model(config: CompileConfig, *, progress: bool = True) -> dict:
     work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-")
     try:
         manifest = _run_stages(config, work, progress=progress)
-        _move_into_place(work, out)
+        move_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -101,7 +101,8 @@ def build_artifact_engine(artifact: str, *, flavour: str | None = None) -> dict:
     return record
 
 
-def _move_into_place(work: str, out: str) -> None:
+def move_into_place(work: str, out: str) -> None:
+    """Rename a finished folder onto ``out``; an existing ``out`` is removed only once the new one is there."""
     old = None
     if os.path.exists(out):
         old = f"{out}.old-{os.getpid()}"

@@ -14,6 +14,7 @@ import tempfile
 
 from ..errors import InputError
 from ..models import family
+from .pipeline import move_into_place
 
 
 def save_checkpoint(ckpt, out: str, *, records: dict[str, dict] | None = None, force: bool = False,
@@ -40,13 +41,7 @@ def save_checkpoint(ckpt, out: str, *, records: dict[str, dict] | None = None, f
         for name, record in (records or {}).items():
             with open(os.path.join(work, name), "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=1, ensure_ascii=False)
-        old = None
-        if os.path.exists(out):
-            old = f"{out}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(work, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
