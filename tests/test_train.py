@@ -198,6 +198,9 @@ def test_merge_equals_base_plus_adapter_and_loads_in_transformers(llama, data_fi
     assert torch.allclose(merged, with_adapter, atol=1e-5)
     assert torch.allclose(hf, merged, atol=1e-4)
     assert json.load(open(os.path.join(out, "training.json")))["kind"] == "sft-lora"
+    from belle_edge.cli import main  # the merged checkpoint is what compile takes
+
+    assert main(["compile", out, "--out", str(tmp_path / "artifact"), "--no-progress"]) == 0
 
 
 def test_distillation_brings_a_pruned_student_closer_to_its_teacher(llama, tmp_path):
