@@ -324,13 +324,13 @@ def _prune(args) -> int:
 
 
 def _data_clean(args) -> int:
-    from .compile.load import load_checkpoint
+    from .compile.load import load_tokenizer
     from .train.clean import CleanConfig, clean_file
 
     languages = tuple(x.strip() for x in args.languages.split(",") if x.strip())
     config = CleanConfig(min_tokens=args.min_tokens, max_tokens=args.max_tokens, languages=languages,
                          near_duplicate_threshold=args.near_duplicate_threshold, mask_pii=not args.keep_pii)
-    tokenizer = load_checkpoint(args.model).tokenizer
+    tokenizer = load_tokenizer(args.model)
     report = clean_file(args.input, args.out, config, tokenizer=tokenizer)
     print(f"kept {report['output']} of {report['input']} dialogues -> {args.out} (report: {args.out}.report.json)")
     for rule, counts in report["rules"].items():

@@ -69,6 +69,18 @@ def load_checkpoint(model: str | None = None, *, allow_pickle: bool = False, cha
     return ckpt
 
 
+def load_tokenizer(model: str | None = None) -> Tokenizer:
+    """Only the tokenizer of a checkpoint (for data tools): no weights are read where that can be avoided."""
+    path = default_model_path() if model is None else os.path.abspath(os.path.expanduser(model))
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return _read_tokenizer(path)[0]
+    if os.path.isfile(path):
+        cached = _gguf_cache_dir(path)
+        if cached and os.path.isfile(os.path.join(cached, _CACHE_DONE)):
+            return _read_tokenizer(cached)[0]
+    return load_checkpoint(model).tokenizer  # a GGUF seen for the first time: convert (and cache) it
+
+
 # ------------------------------------------------------------------------------------------- HF directory
 def _read_json(path: str) -> dict:
     try:

@@ -31,9 +31,10 @@ def save_checkpoint(ckpt, out: str, *, records: dict[str, dict] | None = None, f
     work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-")
     try:
         fam = family(ckpt.config.family)
-        with open(os.path.join(work, "config.json"), "w") as f:
-            json.dump({**fam.hf_config(ckpt.config), "torch_dtype": "float32"}, f, indent=1)
         state = {k: v.contiguous() for k, v in fam.state_dict_to_hf(ckpt.state_dict, ckpt.config).items()}
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")  # what the file really holds
+        with open(os.path.join(work, "config.json"), "w") as f:
+            json.dump({**fam.hf_config(ckpt.config), "torch_dtype": dtype}, f, indent=1)
         save_file(state, os.path.join(work, "model.safetensors"), metadata={"format": "pt"})
         ckpt.tokenizer.save(os.path.join(work, "tokenizer.json"))
         with open(os.path.join(work, "tokenizer_config.json"), "w", encoding="utf-8") as f:
