@@ -229,6 +229,15 @@ def test_distillation_brings_a_pruned_student_closer_to_its_teacher(llama, tmp_p
     after = eval_fidelity(os.path.join(run, "model"), tokens=256, texts=texts)["texts"]["corpus"]["kl_mean"]
     assert record["teacher"]["path"] == path and record["parameters"]["share"] == 1.0
     assert after < before / 2, (before, after)
+    # LoRA distillation: only the adapter trains, and the written model has it folded in
+    lora_run = str(tmp_path / "distill-lora")
+    record = run_distill(student, None, lora_run, _config(lora_rank=8, learning_rate=3e-3, epochs=3, batch_size=1,
+                                                          window=None, save_every=0),
+                         data=[str(text)], progress=False, log=lambda _: None)
+    assert record["parameters"]["share"] < 0.5
+    lora_after = eval_fidelity(os.path.join(lora_run, "model"), tokens=256, texts=texts)["texts"]["corpus"]["kl_mean"]
+    assert lora_after < before, (before, lora_after)
+    assert load_checkpoint(os.path.join(lora_run, "model")).config == load_checkpoint(student).config
 
 
 def test_eval_scores_replies_and_perplexity(llama, data_file):
@@ -240,6 +249,9 @@ def test_eval_scores_replies_and_perplexity(llama, data_file):
     assert "tok:zh" in result["replies"]["bleu_signature"]
     assert result["assistant_perplexity"]["perplexity"] > 1 and result["assistant_perplexity"]["reply_tokens"] > 0
     assert len(result["samples"]) == 3
+    with_teacher = run_eval(path, data_file, max_new_tokens=4, limit=1, progress=False, teacher=path)
+    for r in with_teacher["fidelity"]["texts"].values():  # the model against itself
+        assert abs(r["kl_mean"]) < 1e-6 and r["top1_agreement"] == 1.0
 
 
 def test_the_default_sft_config_is_the_seed_recipe():
