@@ -72,12 +72,12 @@ def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=512, tie=False, 
     return model
 
 
-def make_tiny_bloom(path, tokenizer, *, layers=2, heads=6, seed=0):
+def make_tiny_bloom(path, tokenizer, *, layers=2, heads=6, head_dim=16, seed=0):
     import torch
     from transformers import BloomConfig, BloomForCausalLM
 
     torch.manual_seed(seed)
-    cfg = BloomConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=16 * heads, n_layer=layers, n_head=heads,
+    cfg = BloomConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=head_dim * heads, n_layer=layers, n_head=heads,
                       eos_token_id=tokenizer.token_to_id("<|endoftext|>"), bos_token_id=None)
     model = BloomForCausalLM(cfg).eval()
     model.save_pretrained(path)

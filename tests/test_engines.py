@@ -17,7 +17,7 @@ trt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not instal
 @pytest.fixture(scope="module")
 def tiny_bloom_source(tmp_path_factory, tiny_tokenizer):
     path = str(tmp_path_factory.mktemp("bloom_src"))
-    make_tiny_bloom(path, tiny_tokenizer, layers=2, heads=4)
+    make_tiny_bloom(path, tiny_tokenizer, layers=2, heads=2, head_dim=64)  # a head size the kernels take
     return path
 
 
@@ -135,3 +135,15 @@ def test_tensorrt_rtx_refuses_to_build_for_orin(tmp_path, tiny_bloom_source):
                              "tensorrt_rtx"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "cannot build for sm_87" in result.stderr and "Traceback" not in result.stderr
     assert read_manifest(str(art))["runtime"]["engine"] is None  # the artifact is as it was
+
+
+def test_head_sizes_the_kernels_do_not_take_are_refused_before_building(tmp_path, tiny_llama_dir):
+    """The tiny LLaMA's 16-wide heads (like a width-pruned BLOOM's) cannot run in our plugin: compile says
+    so up front and names the way out, and leaves nothing behind."""
+    from belle_edge.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="head size 16 .* --attention native") as e:
+        compile_model(CompileConfig(out=str(tmp_path / "x"), model=tiny_llama_dir, target="rtx3090",
+                                    precision="fp16"), progress=False)
+    assert "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []

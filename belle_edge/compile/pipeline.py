@@ -152,6 +152,10 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
             ckpt = result.checkpoint
             rec.update(result.record)
             rec.update(fits(ckpt))
+    if target.gpu and config.attention == "plugin":
+        from .trt_plugin import check_plugin_shapes
+
+        check_plugin_shapes(ckpt.config, where=ckpt.source)
     quantized = None
     if "quantize" in steps:
         with _stage("quantize", stages, bar) as rec:
