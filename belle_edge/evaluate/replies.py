@@ -74,7 +74,8 @@ def run_eval(model_path: str | None, data_path: str, *, teacher: str | None = No
     pairs = [(d, k) for d in dialogues for k in range(1, len(d.turns) + 1)]
     for d, k in tqdm(pairs, disable=not progress, desc="eval", unit="reply", leave=False):
         prompt = encode_dialogue(d, ckpt.tokenizer, ckpt.chat_format, prompt_for=k)
-        reply = ckpt.tokenizer.decode(greedy_reply(model, prompt, mask, ckpt.stop_token_ids, max_new_tokens)).strip()
+        reply = ckpt.tokenizer.decode(greedy_reply(model, prompt, mask, ckpt.stop_token_ids, max_new_tokens))
+        reply = reply.rstrip("\ufffd").strip()  # a reply cut at max_new_tokens ends at its last whole character
         hyps.append(reply)
         refs.append(d.turns[k - 1].assistant)
         if len(samples) < 3:

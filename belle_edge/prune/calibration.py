@@ -14,6 +14,7 @@ Importance comes from activations on real text, not from weight magnitude alone:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,9 +120,14 @@ def collect_stats(model, chunks: list[np.ndarray], *, seq: int = 512) -> Stats:
                       layer.attn.k_proj.register_forward_hook(on_sq(i, "k2"))]
     hooks.append(model.norm.register_forward_hook(on_norm))
     tokens = 0
+    total = sum(len(c) for c in chunks)
     try:
-        for ids, _logits in forward_chunks(model, chunks, seq=seq):
-            tokens += len(ids)
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="tok", desc="calibration", leave=False, file=sys.stderr) as bar:
+            for ids, _logits in forward_chunks(model, chunks, seq=seq):  # a 7B model takes minutes here
+                tokens += len(ids)
+                bar.update(len(ids))
     finally:
         for h in hooks:
             h.remove()
