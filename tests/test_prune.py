@@ -213,8 +213,9 @@ def test_residual_and_mlp_groups_match_torch_pruning_trace():
                       head_dim=8, intermediate_size=48, max_positions=64, norm_eps=1e-5, norm="rms", mlp="swiglu",
                       positions="rope", tie_embeddings=False)
     model = Decoder(cfg)
+    norms = [(p, 0) for n, p in model.named_parameters() if "norm" in n]  # nn.RMSNorm: one value per channel
     dg = tp.DependencyGraph().build_dependency(
-        model, example_inputs=torch.zeros(1, 4, dtype=torch.long),
+        model, example_inputs=torch.zeros(1, 4, dtype=torch.long), unwrapped_parameters=norms,
         forward_fn=lambda m, x: m(x, np.arange(4), np.zeros(4, np.int64), MaskConfig.off()))
 
     def traced(module, fn):
