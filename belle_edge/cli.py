@@ -574,6 +574,9 @@ def _interactive(session) -> int:
                 print(piece, end="", flush=True)
             print(f"\n    {_stats_line(session.last_stats)}")
         except KeyboardInterrupt:
+            # Ctrl-C may land in our print, outside the reply's generator: settle the turn now, so /stats,
+            # /save and the next message all see it
+            session.stop_reply()
             print("\n    [interrupted: the reply so far stays in the dialogue]")
         except BelleEdgeError as e:
             print(f"\nbelle-edge: error: {e}", file=sys.stderr)

@@ -146,6 +146,24 @@ def test_a_closed_stream_keeps_the_reply_so_far_and_the_session_consistent(model
     assert_cache_equals_full_forward(s)
 
 
+def test_stop_reply_settles_a_half_read_stream_at_once(model):
+    """Ctrl-C that lands in the app's own code (printing a piece) leaves the generator suspended; stop_reply
+    records the turn right away, as /stats in the CLI expects."""
+    s = model.session(window=1, sinks=2, max_new_tokens=20)
+    recorded(s)
+    s.send(MESSAGES[0])
+    stream = s.stream(MESSAGES[1])
+    first = next(stream)
+    assert len(s.stats) == 1  # the reply is still in flight
+    s.stop_reply()
+    assert len(s.stats) == 2 and s.last_stats.finish_reason == "interrupted"
+    assert s.history[-1]["reply"].startswith(first)
+    s.stop_reply()  # nothing in flight: nothing happens
+    assert len(s.stats) == 2
+    s.send(MESSAGES[2])
+    assert_cache_equals_full_forward(s)
+
+
 @pytest.mark.parametrize("fail_on_call", [2, 5])  # during the prefill of turn 2 / during its decoding
 def test_ctrl_c_inside_the_backend_leaves_the_session_usable(model, fail_on_call):
     s = model.session(window=1, sinks=2, max_new_tokens=5)

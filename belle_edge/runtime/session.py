@@ -103,6 +103,11 @@ class ChatSession:
         self._epoch += 1
         self._clear()
 
+    def stop_reply(self) -> None:
+        """End the reply in flight, if one is half-read (a stream left after Ctrl-C): what it produced so far
+        stays in the dialogue and its stats are recorded now rather than at the next turn."""
+        self._close_active()
+
     @property
     def last_stats(self) -> TurnStats | None:
         return self.stats[-1] if self.stats else None
