@@ -147,7 +147,7 @@ def test_cutting_heads_and_channels_equals_zeroing_them_in_the_source(sources, f
     from belle_edge.compile.load import load_checkpoint
     from belle_edge.models.decoder import Decoder
     from belle_edge.prune.calibration import calibration_ids, collect_stats
-    from belle_edge.prune.plan import Plan, count_params, shape_of, width_shape
+    from belle_edge.prune.plan import Plan, count_params, width_shape
     from belle_edge.prune.prune import select
     from belle_edge.prune.slicing import slice_model
 

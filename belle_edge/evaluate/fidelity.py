@@ -33,24 +33,30 @@ def _logits(model, ids: torch.Tensor, seq: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compare(teacher_logits: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """Figures over (T, V) logits already restricted to the same columns; ``targets`` (T-1,) are the next
-    tokens as column indices."""
+def compare(teacher_logits: torch.Tensor, student_logits: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+    """Figures over (T, V) logits already restricted to the same columns; with ``targets`` (T-1,), the next
+    tokens as column indices, the perplexities too. The quantization check (compile/fidelity.py) uses it
+    without targets."""
     lt = torch.log_softmax(teacher_logits.double(), -1)
     ls = torch.log_softmax(student_logits.double(), -1)
     kl = (lt.exp() * (lt - ls)).sum(-1)
-    nll_t = -lt[:-1].gather(1, targets[:, None]).squeeze(1)
-    nll_s = -ls[:-1].gather(1, targets[:, None]).squeeze(1)
-    ppl_t, ppl_s = float(nll_t.mean().exp()), float(nll_s.mean().exp())
-    return {"kl_mean": round(float(kl.mean()), 5), "kl_p95": round(float(kl.quantile(0.95)), 5),
-            "top1_agreement": round(float((lt.argmax(-1) == ls.argmax(-1)).double().mean()), 4),
-            "ppl_teacher": round(ppl_t, 3), "ppl_student": round(ppl_s, 3), "ppl_ratio": round(ppl_s / ppl_t, 4),
-            "tokens": int(lt.shape[0])}
+    out = {"kl_mean": round(float(kl.mean()), 5), "kl_p95": round(float(kl.quantile(0.95)), 5),
+           "top1_agreement": round(float((lt.argmax(-1) == ls.argmax(-1)).double().mean()), 4),
+           "tokens": int(lt.shape[0])}
+    if targets is not None:
+        nll_t = -lt[:-1].gather(1, targets[:, None]).squeeze(1)
+        nll_s = -ls[:-1].gather(1, targets[:, None]).squeeze(1)
+        ppl_t, ppl_s = float(nll_t.mean().exp()), float(nll_s.mean().exp())
+        out.update(ppl_teacher=round(ppl_t, 3), ppl_student=round(ppl_s, 3), ppl_ratio=round(ppl_s / ppl_t, 4))
+    return out
 
 
 def measure(teacher, teacher_tok, student, student_tok, *, texts: dict[str, str] | None = None,
-            tokens: int = 1024, seq: int = 512, where: str = "student") -> dict:
-    """Fidelity of ``student`` to ``teacher`` (canonical Decoders) on each text, over the shared vocabulary."""
+            tokens: int = 1024, seq: int = 512, where: str = "student", teacher_logits: dict | None = None) -> dict:
+    """Fidelity of ``student`` to ``teacher`` (canonical Decoders) on each text, over the shared vocabulary.
+    ``teacher_logits`` (a dict, filled here) keeps the teacher's logits per text for later calls whose
+    students share this student's tokenizer."""
+    cache = {} if teacher_logits is None else teacher_logits
     to_teacher = token_map(student_tok, teacher_tok, where=where)
     shared = to_teacher.shape[0]
     if shared > student.cfg.vocab_size:
@@ -63,7 +69,9 @@ def measure(teacher, teacher_tok, student, student_tok, *, texts: dict[str, str]
             ids = ids[:-1]
         if len(ids) < 2:
             raise CheckpointError(f"evaluation text {name}: tokenizes to fewer than 2 tokens")
-        t_logits = _logits(teacher, to_teacher[ids], seq)[:, to_teacher]
+        if name not in cache:
+            cache[name] = _logits(teacher, to_teacher[ids], seq)[:, to_teacher]
+        t_logits = cache[name]
         s_logits = _logits(student, ids, seq)[:, :shared]
         out["texts"][name] = compare(t_logits, s_logits, ids[1:])
     return out

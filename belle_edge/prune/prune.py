@@ -72,17 +72,20 @@ def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
     for plan in plans:
         sel = select(plan, stats, trim)
         candidates.append((plan, sel))
-    scores = []
+    scores, pruned = [], None
     if len(candidates) > 1:  # the solver's mix: the depth/width split that best keeps the calibration text
         from ..evaluate.fidelity import measure
 
         cal_texts = {f"calibration {i}": t for i, t in enumerate(texts)}
+        teacher_logits = {}  # every candidate shares the tokenizer: the teacher runs once per text
         for plan, sel in candidates:
             student = _student(ckpt, plan, sel, trim)
             m = measure(teacher, ckpt.tokenizer, Decoder.from_state_dict(student.config, student.state_dict),
-                        student.tokenizer, texts=cal_texts, tokens=512)
+                        student.tokenizer, texts=cal_texts, tokens=512, teacher_logits=teacher_logits)
             scores.append(sum(r["kl_mean"] for r in m["texts"].values()) / len(m["texts"]))
-        best = min(range(len(candidates)), key=scores.__getitem__)
+            if scores[-1] == min(scores):  # keep only the best so far: one pruned copy in memory, not four
+                pruned = student
+        best = scores.index(min(scores))
     else:
         best = 0
     plan, sel = candidates[best]
@@ -105,7 +108,8 @@ def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
                              for (p, _), s in zip(candidates, scores)]}
     if req.dry_run:
         return PruneResult(None, plan, record, trim)
-    pruned = _student(ckpt, plan, sel, trim)
+    if pruned is None:
+        pruned = _student(ckpt, plan, sel, trim)
     record["seconds"] = round(time.perf_counter() - t0, 2)
     return PruneResult(pruned, plan, record, trim)
 

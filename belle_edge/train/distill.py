@@ -40,9 +40,9 @@ class DistillLoss(ReplyLoss):
         targets = torch.from_numpy(row.targets)
         keep = targets != -100
         shared = self.to_teacher.shape[0]
-        student = self.logits(model, row)[:-1][keep][:, :shared].float()
+        allowed = torch.from_numpy(row.allowed(self.mask))  # one (T, T) mask for both models
+        student = self.logits(model, row, allowed)[:-1][keep][:, :shared].float()
         with torch.no_grad():
-            allowed = torch.from_numpy(row.allowed(self.mask))
             teacher = self.teacher(self.to_teacher[torch.from_numpy(row.ids)][None], row.positions, row.turns,
                                    self.mask, allowed=allowed)[0][:-1][keep][:, self.to_teacher].float()
         log_t = torch.log_softmax(teacher / self.tau, -1)

@@ -38,8 +38,9 @@ class ReplyLoss:
     def count(row: Row) -> int:
         return int((row.targets != -100).sum())
 
-    def logits(self, model, row: Row) -> torch.Tensor:
-        allowed = torch.from_numpy(row.allowed(self.mask))
+    def logits(self, model, row: Row, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        if allowed is None:
+            allowed = torch.from_numpy(row.allowed(self.mask))
         return model(torch.from_numpy(row.ids)[None], row.positions, row.turns, self.mask, allowed=allowed)[0]
 
     def __call__(self, model, row: Row):
