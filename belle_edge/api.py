@@ -31,14 +31,14 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
     if dtype not in DTYPES:
         raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     _require_torch()
-    from .compile.load import load_checkpoint
+    from .core.load import load_checkpoint
 
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle, chat_format=chat_format, max_positions=max_positions)
     return torch_chat_model(ckpt, device=device, dtype=dtype, name=None if model is not None else "default")
 
 
 def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name: str | None = None) -> ChatModel:
-    """A ChatModel over the torch backend from a loaded :class:`~belle_edge.compile.load.Checkpoint`."""
+    """A ChatModel over the torch backend from a loaded :class:`~belle_edge.core.checkpoint.Checkpoint`."""
     torch = _require_torch()
     from .default_model import NAME as DEFAULT_NAME
     from .models.decoder import Decoder

@@ -276,7 +276,7 @@ def _read_texts(paths: list[str] | None, flag: str) -> tuple[str, ...] | None:
 
 
 def prune_request(args, *, dry_run: bool = False):
-    from .prune.prune import PruneRequest
+    from .compile.prune.prune import PruneRequest
 
     calibration = _read_texts(args.calibration, "--calibration")
     return PruneRequest(target_params=args.target_params, ratio=args.ratio, mode=args.mode, calibration=calibration,
@@ -286,9 +286,9 @@ def prune_request(args, *, dry_run: bool = False):
 
 
 def _prune(args) -> int:
-    from .compile.load import load_checkpoint
-    from .prune.prune import prune_checkpoint
-    from .compile.save import save_checkpoint
+    from .core.load import load_checkpoint
+    from .compile.prune.prune import prune_checkpoint
+    from .core.save import save_checkpoint
 
     if not args.dry_run and not args.out:
         raise InputError("prune: --out DIR is required (or --dry-run to print the plan only)")
@@ -301,8 +301,8 @@ def _prune(args) -> int:
     result = prune_checkpoint(ckpt, request)
     if args.dry_run:
         return 0
-    from .evaluate.fidelity import measure
-    from .evaluate.texts import held_out_texts
+    from .core.fidelity import measure
+    from .core.texts import held_out_texts
     from .models.decoder import Decoder
 
     _info("measuring fidelity to the unpruned model on held-out text ...")
@@ -313,7 +313,7 @@ def _prune(args) -> int:
               "teacher": {"path": "default" if args.model is None else ckpt.source, "source": ckpt.source,
                           "fingerprint": ckpt.fingerprint}}
     out = save_checkpoint(result.checkpoint, args.out, records={"pruning.json": record},
-                          force=args.force, trim=result.trim)
+                          force=args.force, tokenizer_config=result.tokenizer_config)
     from .evaluate.fidelity import format_table
 
     print(format_table({"texts": fidelity["texts"], "shared_vocab": fidelity["shared_vocab"],
@@ -324,7 +324,7 @@ def _prune(args) -> int:
 
 
 def _data_clean(args) -> int:
-    from .compile.load import load_tokenizer
+    from .core.load import load_tokenizer
     from .train.clean import CleanConfig, clean_file
 
     languages = tuple(x.strip() for x in args.languages.split(",") if x.strip())

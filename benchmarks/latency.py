@@ -98,7 +98,8 @@ def run(args) -> int:
 
 # ------------------------------------------------------------------------------------------- preparation
 def _prepare(args, backends) -> dict:
-    from belle_edge.compile.load import _gguf_cache_dir, load_checkpoint
+    from belle_edge.core.gguf import gguf_cache_dir
+    from belle_edge.core.load import load_checkpoint
     from belle_edge.compile.pipeline import CompileConfig, compile_model
     from belle_edge.manifest import is_artifact
 
@@ -109,7 +110,7 @@ def _prepare(args, backends) -> dict:
     ckpt.tokenizer.save(tokenizer_path)
     prompt_ids = _prompt_ids(ckpt, args.prompt_tokens)
     gguf = args.gguf or (ckpt.source if ckpt.kind == "gguf" else None)
-    hf_dir = _gguf_cache_dir(ckpt.source) if ckpt.kind == "gguf" else ckpt.source
+    hf_dir = gguf_cache_dir(ckpt.source) if ckpt.kind == "gguf" else ckpt.source
     specs, skipped = {}, []
     common = {"threads": args.threads, "tokenizer": tokenizer_path, "chat_format": ckpt.chat_format.to_dict()}
     for name in backends:

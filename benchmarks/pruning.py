@@ -21,14 +21,14 @@ import time
 import numpy as np
 import torch
 
-from belle_edge.compile.load import load_checkpoint
-from belle_edge.evaluate.fidelity import measure
-from belle_edge.evaluate.texts import held_out_texts
+from belle_edge.core.load import load_checkpoint
+from belle_edge.core.fidelity import measure
+from belle_edge.core.texts import held_out_texts
 from belle_edge.mask import MaskConfig
 from belle_edge.models.decoder import Decoder
-from belle_edge.prune.plan import count_params
-from belle_edge.prune.prune import PruneRequest, prune_checkpoint
-from belle_edge.compile.save import save_checkpoint
+from belle_edge.compile.prune.plan import count_params
+from belle_edge.compile.prune.prune import PruneRequest, prune_checkpoint
+from belle_edge.core.save import save_checkpoint
 
 RATIOS = (0.43, 0.70)
 MODES = ("width", "depth", "mix")
@@ -71,7 +71,7 @@ def run(args) -> dict:
             fid = measure(teacher, teacher_ckpt.tokenizer, student, student_ckpt.tokenizer, texts=texts,
                           tokens=args.tokens)
             record = {**result.record, "fidelity": fid, "teacher": {"path": "default", "source": teacher_ckpt.source}}
-            out = save_checkpoint(student_ckpt, os.path.join(keep_root, name), force=True, trim=result.trim,
+            out = save_checkpoint(student_ckpt, os.path.join(keep_root, name), force=True, tokenizer_config=result.tokenizer_config,
                                   records={"pruning.json": record})
             size = os.path.getsize(os.path.join(out, "model.safetensors"))
             models[name] = student

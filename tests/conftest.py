@@ -108,7 +108,7 @@ def tiny_llama_model(tiny_llama_dir):
 
 @pytest.fixture(scope="session")
 def default_checkpoint():
-    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.core.load import load_checkpoint
 
     return load_checkpoint(None)
 

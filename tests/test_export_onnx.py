@@ -8,7 +8,7 @@ import torch
 
 from belle_edge.compile.export_onnx import ATTENTION_OP, DOMAIN, export_onnx
 from belle_edge.compile.fidelity import run_onnx_logits
-from belle_edge.compile.load import load_checkpoint
+from belle_edge.core.load import load_checkpoint
 from belle_edge.mask import WINDOW_OFF, MaskConfig
 from belle_edge.models.decoder import Decoder
 from belle_edge.runtime.backends.ort_backend import OrtBackend, make_session

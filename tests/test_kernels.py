@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from belle_edge.compile.load import load_checkpoint
+from belle_edge.core.load import load_checkpoint
 from belle_edge.mask import WINDOW_OFF, MaskConfig, retained
-from belle_edge.models.decoder import Decoder, FusedInputs, rope_inv_freq
-from belle_edge.ops.build import CI_ARCHS, HOT_KERNELS, compile_check, kernels_dir
+from belle_edge.models.decoder import Decoder, FusedInputs
+from belle_edge.models.positions import rope_inv_freq
+from belle_edge.ops.build import CI_ARCHS, HOT_KERNELS, compile_check
+from belle_edge.paths import kernels_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +47,9 @@ def _fused_inputs(model, kpos, kturn, start, new, mask, capacity):
     k_pos[0, :len(kpos)] = torch.tensor(kpos)
     k_turn[0, :len(kturn)] = torch.tensor(kturn)
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
-    return FusedInputs(start=torch.tensor([start], dtype=torch.int32), q_pos=torch.tensor([kpos[start:]]),
+    from belle_edge.ops.attention import dynamic_mask_attention
+
+    return FusedInputs(op=dynamic_mask_attention, start=torch.tensor([start], dtype=torch.int32), q_pos=torch.tensor([kpos[start:]]),
                        q_turn=torch.tensor([kturn[start:]]), k_pos=k_pos, k_turn=k_turn,
                        window=torch.tensor([WINDOW_OFF if mask.window is None else mask.window]),
                        sinks=torch.tensor([mask.sinks]), inv_freq=inv_freq, max_keys=capacity)

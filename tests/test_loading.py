@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from belle_edge.compile.load import load_checkpoint
+from belle_edge.core.load import load_checkpoint
 from belle_edge.errors import CheckpointError, InputError, UnsupportedModelError
 from belle_edge.runtime.chat_format import BelleFormat, TemplateFormat
 

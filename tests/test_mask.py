@@ -83,7 +83,7 @@ def _tiny_decoder(family, layers, seed=0):
         if "norm" in name and name.endswith("weight"):
             p.data += 1
     if cfg.positions == "alibi":
-        from belle_edge.models.decoder import alibi_slopes
+        from belle_edge.models.positions import alibi_slopes
 
         for layer in model.layers:
             layer.attn.alibi_slopes.copy_(alibi_slopes(cfg.num_heads))
@@ -102,7 +102,7 @@ def test_masked_attention_equals_explicit_masked_softmax(family):
     allowed = torch.from_numpy(visible(pos[:, None], turn[:, None], pos[None, :], turn[None, :], mask))
     rel = torch.from_numpy(pos[None, :] - pos[:, None]).float()
     bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
-    from belle_edge.models.decoder import apply_rope, rope_tables
+    from belle_edge.models.positions import apply_rope, rope_tables
 
     rope = rope_tables(torch.from_numpy(pos), cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
     with torch.no_grad():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from belle_edge.compile.load import load_checkpoint
+from belle_edge.core.load import load_checkpoint
 from belle_edge.mask import MaskConfig
 from belle_edge.models import family
 from belle_edge.models.decoder import Decoder
@@ -83,7 +83,7 @@ def test_logits_equal_transformers_on_the_default_model(default_checkpoint):
 def test_the_cached_conversion_loads_identically_and_in_stock_transformers(default_checkpoint, private_model_cache):
     from transformers import AutoModelForCausalLM
 
-    from belle_edge.compile.load import _gguf_cache_dir
+    from belle_edge.core.gguf import gguf_cache_dir as _gguf_cache_dir
     from belle_edge.default_model import default_model_path
 
     folder = _gguf_cache_dir(default_model_path())

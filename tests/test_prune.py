@@ -45,8 +45,8 @@ def _logits(model, ids):
 
 
 def _prune(src, mode, ratio=0.6, **kw):
-    from belle_edge.compile.load import load_checkpoint
-    from belle_edge.prune.prune import PruneRequest, prune_checkpoint
+    from belle_edge.core.load import load_checkpoint
+    from belle_edge.compile.prune.prune import PruneRequest, prune_checkpoint
 
     ckpt = load_checkpoint(src)
     lines = []
@@ -60,10 +60,10 @@ def _prune(src, mode, ratio=0.6, **kw):
 def test_pruned_checkpoint_reloads_in_transformers_and_matches_our_model(sources, tmp_path, family, mode):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.core.load import load_checkpoint
     from belle_edge.models.decoder import Decoder
-    from belle_edge.prune.plan import count_params
-    from belle_edge.compile.save import save_checkpoint
+    from belle_edge.compile.prune.plan import count_params
+    from belle_edge.core.save import save_checkpoint
 
     # mix keeps the tokens of two English lines: the Chinese ones must then fall back to byte tokens
     extra = {"vocab_corpus": CALIBRATION[3:5]} if mode == "mix" else {}
@@ -71,7 +71,7 @@ def test_pruned_checkpoint_reloads_in_transformers_and_matches_our_model(sources
     plan = result.plan
     assert "prune plan" in printed and "parameters:" in printed
     out = save_checkpoint(result.checkpoint, str(tmp_path / "pruned"),
-                          records={"pruning.json": result.record}, trim=result.trim)
+                          records={"pruning.json": result.record}, tokenizer_config=result.tokenizer_config)
 
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     n_hf = sum(p.numel() for p in hf.parameters())
@@ -144,12 +144,12 @@ def _masked_source_logits(ckpt, sel, ids):
 def test_cutting_heads_and_channels_equals_zeroing_them_in_the_source(sources, family):
     """Keep the residual stream whole and the cut is exact: the pruned model computes what the source
     computes with the dropped heads, head dims and MLP channels silenced."""
-    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.core.load import load_checkpoint
     from belle_edge.models.decoder import Decoder
-    from belle_edge.prune.calibration import calibration_ids, collect_stats
-    from belle_edge.prune.plan import Plan, count_params, width_shape
-    from belle_edge.prune.prune import select
-    from belle_edge.prune.slicing import slice_model
+    from belle_edge.compile.prune.calibration import calibration_ids, collect_stats
+    from belle_edge.compile.prune.plan import Plan, count_params, width_shape
+    from belle_edge.compile.prune.prune import select
+    from belle_edge.compile.prune.slicing import slice_model
 
     ckpt = load_checkpoint(sources[family])
     cfg = ckpt.config
@@ -182,11 +182,11 @@ def test_cutting_heads_and_channels_equals_zeroing_them_in_the_source(sources, f
 def test_importance_comes_from_activations(sources):
     """A silenced MLP channel ranks last however large its weights; an identity layer has no influence and is
     the one depth pruning drops."""
-    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.core.load import load_checkpoint
     from belle_edge.models.decoder import Decoder
-    from belle_edge.prune.calibration import calibration_ids, collect_stats
-    from belle_edge.prune.plan import solve
-    from belle_edge.prune.prune import select
+    from belle_edge.compile.prune.calibration import calibration_ids, collect_stats
+    from belle_edge.compile.prune.plan import solve
+    from belle_edge.compile.prune.prune import select
 
     ckpt = load_checkpoint(sources["llama"])
     sd = {k: v.clone() for k, v in ckpt.state_dict.items()}
@@ -207,7 +207,7 @@ def test_residual_and_mlp_groups_match_torch_pruning_trace():
     tp = pytest.importorskip("torch_pruning")
     from belle_edge.models.config import ModelConfig
     from belle_edge.models.decoder import Decoder
-    from belle_edge.prune.slicing import Selection, slice_model
+    from belle_edge.compile.prune.slicing import Selection, slice_model
 
     cfg = ModelConfig(family="llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, intermediate_size=48, max_positions=64, norm_eps=1e-5, norm="rms", mlp="swiglu",
@@ -237,10 +237,10 @@ def test_residual_and_mlp_groups_match_torch_pruning_trace():
 
 
 def test_bad_budgets_and_inputs_are_one_line_errors(sources, tmp_path):
-    from belle_edge.compile.load import load_checkpoint
-    from belle_edge.prune.calibration import calibration_ids
-    from belle_edge.prune.plan import count_params, solve
-    from belle_edge.prune.prune import PruneRequest
+    from belle_edge.core.load import load_checkpoint
+    from belle_edge.compile.prune.calibration import calibration_ids
+    from belle_edge.compile.prune.plan import count_params, solve
+    from belle_edge.compile.prune.prune import PruneRequest
 
     ckpt = load_checkpoint(sources["llama"])
     n = count_params(ckpt.config)
@@ -264,7 +264,7 @@ def test_bad_budgets_and_inputs_are_one_line_errors(sources, tmp_path):
 def test_llama_plans_keep_hidden_a_multiple_of_the_heads():
     """transformers refuses a LLaMA config whose hidden size is not a multiple of its head count."""
     from belle_edge.models.config import ModelConfig
-    from belle_edge.prune.plan import count_params, solve
+    from belle_edge.compile.prune.plan import count_params, solve
 
     cfg = ModelConfig(family="llama", vocab_size=32000, hidden_size=4096, num_layers=4, num_heads=32,
                       num_kv_heads=8, head_dim=128, intermediate_size=11008, max_positions=4096, norm_eps=1e-5,
@@ -277,8 +277,8 @@ def test_llama_plans_keep_hidden_a_multiple_of_the_heads():
 
 
 def test_fidelity_handles_any_token_count(sources):
-    from belle_edge.compile.load import load_checkpoint
-    from belle_edge.evaluate.fidelity import measure
+    from belle_edge.core.load import load_checkpoint
+    from belle_edge.core.fidelity import measure
     from belle_edge.models.decoder import Decoder
 
     ckpt = load_checkpoint(sources["llama"])
@@ -363,16 +363,16 @@ def test_default_model_pruned_by_the_solver_loads_in_transformers(default_checkp
     """The real model: 70% by the solver's mix (vocabulary + depth + width) on the real tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from belle_edge.compile.load import load_checkpoint
-    from belle_edge.evaluate.texts import chinese_held_out, english_held_out
+    from belle_edge.core.load import load_checkpoint
+    from belle_edge.core.texts import chinese_held_out, english_held_out
     from belle_edge.models.decoder import Decoder
-    from belle_edge.prune.prune import PruneRequest, prune_checkpoint
-    from belle_edge.compile.save import save_checkpoint
+    from belle_edge.compile.prune.prune import PruneRequest, prune_checkpoint
+    from belle_edge.core.save import save_checkpoint
 
     result = prune_checkpoint(default_checkpoint, PruneRequest(ratio=0.7, calibration_tokens=512), log=lambda _: None)
     assert abs(result.plan.deviation) <= 0.02 and result.plan.shape.vocab < default_checkpoint.config.vocab_size
     out = save_checkpoint(result.checkpoint, str(tmp_path / "p70"),
-                          records={"pruning.json": result.record}, trim=result.trim)
+                          records={"pruning.json": result.record}, tokenizer_config=result.tokenizer_config)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert sum(p.numel() for p in hf.parameters()) == result.plan.params_after
     ours = load_checkpoint(out)

@@ -1,4 +1,4 @@
-"""Vocabulary reduction (belle_edge.prune.vocab): the reduced tokenizer splits the chosen corpus exactly as the
+"""Vocabulary reduction (belle_edge.compile.prune.vocab): the reduced tokenizer splits the chosen corpus exactly as the
 original did, still round-trips any other text through the byte tokens, and keeps specials, bytes and merge
 ancestors; bad input is refused with one line."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 import belle_edge
 from belle_edge.errors import CheckpointError, UnsupportedModelError
-from belle_edge.prune.vocab import (VocabTrim, _merge_pair, corpus_token_ids, remap_tokenizer_config,
+from belle_edge.compile.prune.vocab import (VocabTrim, _merge_pair, corpus_token_ids, remap_tokenizer_config,
                                     roundtrip_failures, trim_vocabulary)
 
 ENGLISH = sorted({text for text in CORPUS if text.isascii()})

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from belle_edge.mask import MaskConfig, visible  # noqa: E402
-from belle_edge.train.data import Dialogue, Turn, write_dialogues  # noqa: E402
+from belle_edge.core.dialogues import Dialogue, Turn, write_dialogues  # noqa: E402
 
 DIALOGUES = [
     Dialogue((Turn("你好，我的订单发货了吗？", "您好，我是小禾。您的订单已经发货，预计三天内送达。"),
@@ -30,7 +30,7 @@ DIALOGUES = [
 def llama(tmp_path_factory, tiny_tokenizer):
     from conftest import make_tiny_llama
 
-    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.core.load import load_checkpoint
 
     path = str(tmp_path_factory.mktemp("train_llama"))
     make_tiny_llama(path, tiny_tokenizer, layers=2)
@@ -45,7 +45,7 @@ def data_file(tmp_path_factory):
 
 
 def test_collator_tokenizes_like_the_session_and_marks_only_replies(llama):
-    from belle_edge.train.collate import encode_dialogue
+    from belle_edge.core.rows import encode_dialogue
 
     _, ckpt = llama
     fmt, tok = ckpt.chat_format, ckpt.tokenizer
@@ -72,7 +72,7 @@ def test_collator_tokenizes_like_the_session_and_marks_only_replies(llama):
 
 
 def test_packed_rows_carry_the_turn_window_mask_within_each_dialogue_only(llama):
-    from belle_edge.train.collate import encode_dialogue, pack
+    from belle_edge.core.rows import encode_dialogue, pack
 
     _, ckpt = llama
     examples = [encode_dialogue(d, ckpt.tokenizer, ckpt.chat_format) for d in DIALOGUES[:3]]
@@ -101,8 +101,8 @@ def test_packed_rows_carry_the_turn_window_mask_within_each_dialogue_only(llama)
 
 def test_packing_does_not_change_any_dialogue_loss(llama):
     from belle_edge.models.decoder import Decoder
-    from belle_edge.train.collate import encode_dialogue, pack
-    from belle_edge.train.sft import ReplyLoss
+    from belle_edge.core.rows import encode_dialogue, pack
+    from belle_edge.core.rows import ReplyLoss
 
     _, ckpt = llama
     model = Decoder.from_state_dict(ckpt.config, ckpt.state_dict)
@@ -161,7 +161,7 @@ def test_sft_trains_lora_saves_checkpoints_and_resumes_exactly(llama, data_file,
 def test_default_lora_targets_fit_bloom(tiny_tokenizer, tmp_path):
     from conftest import make_tiny_bloom
 
-    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.core.load import load_checkpoint
     from belle_edge.models.decoder import Decoder
     from belle_edge.train.sft import lora
     from belle_edge.train.trainer import DEFAULT_SFT_CONFIG, TrainConfig
@@ -177,7 +177,7 @@ def test_merge_equals_base_plus_adapter_and_loads_in_transformers(llama, data_fi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from belle_edge.compile.load import load_checkpoint
+    from belle_edge.core.load import load_checkpoint
     from belle_edge.models.decoder import Decoder
     from belle_edge.train.sft import run_merge, run_sft
 
@@ -204,10 +204,10 @@ def test_merge_equals_base_plus_adapter_and_loads_in_transformers(llama, data_fi
 
 
 def test_distillation_brings_a_pruned_student_closer_to_its_teacher(llama, tmp_path):
-    from belle_edge.compile.load import load_checkpoint
-    from belle_edge.compile.save import save_checkpoint
+    from belle_edge.core.load import load_checkpoint
+    from belle_edge.core.save import save_checkpoint
     from belle_edge.evaluate.fidelity import eval_fidelity
-    from belle_edge.prune.prune import PruneRequest, prune_checkpoint
+    from belle_edge.compile.prune.prune import PruneRequest, prune_checkpoint
     from belle_edge.train.distill import run_distill
 
     path, _ = llama

@@ -1,4 +1,4 @@
-"""BELLE dialogue readers/writer (belle_edge.train.data) and the cleaning rules (belle_edge.train.clean)."""
+"""BELLE dialogue readers/writer (belle_edge.core.dialogues) and the cleaning rules (belle_edge.train.clean)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from belle_edge.errors import InputError
 from belle_edge.train.clean import CleanConfig, clean_dialogues, clean_file, detect_language, valid_resident_id
-from belle_edge.train.data import Dialogue, Turn, parse_record, read_dialogues, write_dialogues
+from belle_edge.core.dialogues import Dialogue, Turn, parse_record, read_dialogues, write_dialogues
 
 ZH_Q = "请介绍一下北京的名胜古迹。"
 ZH_A = "北京有故宫、长城、颐和园和天坛等名胜古迹，每年吸引大量游客前来参观。"

@@ -16,7 +16,7 @@ def logit_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """KL(reference || candidate) per token (mean, p95) and top-1 agreement, over (T, V) logits."""
     import torch
 
-    from ..evaluate.fidelity import compare
+    from ..core.fidelity import compare
 
     return compare(torch.from_numpy(reference), torch.from_numpy(candidate))
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from .. import __version__
 from ..errors import InputError
 from ..manifest import FORMAT, VERSION, write_manifest
+from ..core.folders import move_into_place
 from ..targets import check_memory, check_precision, get_target
 
 @dataclass(frozen=True)
@@ -101,21 +102,10 @@ def build_artifact_engine(artifact: str, *, flavour: str | None = None) -> dict:
     return record
 
 
-def move_into_place(work: str, out: str) -> None:
-    """Rename a finished folder onto ``out``; an existing ``out`` is removed only once the new one is there."""
-    old = None
-    if os.path.exists(out):
-        old = f"{out}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(work, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
     from .export_onnx import export_onnx
     from .fidelity import measure_fidelity
-    from .load import load_checkpoint
+    from ..core.load import load_checkpoint
     from .quantize import gguf_blocks, quantize_weights
 
     from .build_engine import build_engine
@@ -146,7 +136,7 @@ def _run_stages(config: CompileConfig, work: str, *, progress: bool) -> dict:
             rec.update(fits(ckpt))
     if "prune" in steps:
         with _stage("prune", stages, bar) as rec:
-            from ..prune.prune import prune_checkpoint
+            from .prune.prune import prune_checkpoint
 
             result = prune_checkpoint(ckpt, config.prune, log=lambda line: print(line, file=sys.stderr))
             ckpt = result.checkpoint

@@ -42,8 +42,7 @@ def greedy_reply(model, prompt, mask: MaskConfig, stop_ids, max_new_tokens: int)
 
 
 def reply_perplexity(model, tokenizer, chat_format, dialogues, mask: MaskConfig) -> dict:
-    from ..train.collate import encode_dialogue, pack
-    from ..train.sft import ReplyLoss
+    from ..core.rows import ReplyLoss, encode_dialogue, pack
 
     loss_fn = ReplyLoss(mask)
     total, count = 0.0, 0
@@ -60,10 +59,10 @@ def run_eval(model_path: str | None, data_path: str, *, teacher: str | None = No
              limit: int | None = None, window: int | None = 3, sinks: int = 4, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from ..compile.load import load_checkpoint
+    from ..core.load import load_checkpoint
     from ..models.decoder import Decoder
-    from ..train.collate import encode_dialogue
-    from ..train.data import read_dialogues
+    from ..core.rows import encode_dialogue
+    from ..core.dialogues import read_dialogues
     from .generation import generation_metrics
 
     ckpt = load_checkpoint(model_path)

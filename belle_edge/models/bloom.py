@@ -10,7 +10,7 @@ import torch
 from ..errors import CheckpointError, UnsupportedModelError
 from .config import ModelConfig
 from .convert import eos_ids, rename_layers, require, split_fused
-from .decoder import alibi_slopes
+from .positions import alibi_slopes
 
 
 _NAMES = {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..mask import MaskConfig, visible
 from .config import ModelConfig
+from .positions import alibi_slopes, apply_rope, rope_tables
 
 
 def _make_norm(cfg: ModelConfig) -> nn.Module:
@@ -65,44 +67,15 @@ class KVCache:
         self.v[:, :, :n] = self.v[:, :, slots]
 
 
-def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """LLaMA's RoPE frequencies (D/2,) in fp32; the fused kernels take them as they are."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-
-
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (..., T, D) for absolute positions (..., T), LLaMA's half-split layout, in fp32."""
-    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
-    freqs = positions.float()[..., None] * inv_freq  # (..., T, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (T, D)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """BLOOM's ALiBi slopes for ``num_heads`` heads (geometric, with the interleaved extra set)."""
-    closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
-    slopes = [base ** p for p in range(1, closest + 1)]
-    if closest != num_heads:
-        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
-        remaining = min(closest, num_heads - closest)
-        slopes += [extra_base ** p for p in range(1, 2 * remaining, 2)]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
 @dataclass
 class FusedInputs:
     """What the fused attention op (``belle::dynamic_mask_attention``, belle_edge/ops) reads, on the device.
 
     Everything that changes between decode steps is a tensor, so one captured CUDA graph replays every step.
+    The op itself comes with the inputs: whoever chose the fused path (the torch backend) loaded it, so this
+    module imports no op and registers nothing.
     """
+    op: Callable                 # torch.ops.belle.dynamic_mask_attention (signature: belle_edge/ops/attention.py)
     start: torch.Tensor          # int32 (1,): cache slots before the new tokens
     q_pos: torch.Tensor          # int64 (1, T)
     q_turn: torch.Tensor         # int64 (1, T)
@@ -135,7 +108,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if fused is not None:  # the kernels: RoPE, cache write, mask and attention in one op
-            out = torch.ops.belle.dynamic_mask_attention(
+            out = fused.op(
                 q, k, v, cache.k, cache.v, fused.start, fused.q_pos, fused.q_turn, fused.k_pos, fused.k_turn,
                 fused.window, fused.sinks, self.alibi_slopes if cfg.positions == "alibi" else None, fused.inv_freq,
                 1.0 / math.sqrt(cfg.head_dim), fused.max_keys)
@@ -237,8 +210,6 @@ class Decoder(nn.Module):
         return self._head(x, last_only)
 
     def _forward_fused(self, input_ids, caches, fused: FusedInputs, last_only: bool) -> torch.Tensor:
-        from ..ops import attention  # noqa: F401  (registers torch.ops.belle.dynamic_mask_attention)
-
         x = self.embed(input_ids)
         if self.embed_norm is not None:
             x = self.embed_norm(x)

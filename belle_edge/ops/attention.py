@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from ..mask import MaskConfig, visible
-from ..models.decoder import apply_rope
+from ..models.positions import apply_rope
 
 
 # --------------------------------------------------------------------------------------------- reference
 def rotate(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
     """LLaMA's half-split RoPE of x (B, Hx, T, D) at positions pos (B, T): the model's own rotation
-    (models/decoder.py), with the given frequencies."""
+    (models/positions.py), with the given frequencies."""
     angles = pos.float()[..., None] * inv_freq.float()  # (B, T, D/2)
     emb = torch.cat((angles, angles), -1)[:, None]  # (B, 1, T, D)
     return apply_rope(x, emb.cos(), emb.sin())

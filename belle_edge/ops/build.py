@@ -14,6 +14,7 @@ import shutil
 import subprocess
 
 from ..errors import BelleEdgeError, MissingDependencyError
+from ..paths import cache_or_temp_dir, kernels_dir
 
 LIBRARY = "libbelle_attention.so"
 HOT_KERNELS = ("prefill_kernel", "decode_kernel")  # must not spill (checked from ptxas -v)
@@ -23,16 +24,6 @@ FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xptxas", "-v")
 
 class KernelBuildError(BelleEdgeError):
     """nvcc failed; the message names the log."""
-
-
-def kernels_dir() -> str:
-    """kernels/ of this checkout (an editable install), or $BELLE_EDGE_KERNELS."""
-    here = os.environ.get("BELLE_EDGE_KERNELS") or os.path.join(os.path.dirname(__file__), "..", "..", "kernels")
-    here = os.path.abspath(here)
-    if not os.path.isfile(os.path.join(here, "include", "belle_attention.h")):
-        raise MissingDependencyError(f"kernel sources not found at {here}: use a source checkout "
-                                     "(pip install -e .) or set BELLE_EDGE_KERNELS")
-    return here
 
 
 def sources(root: str | None = None) -> list[str]:
@@ -61,8 +52,7 @@ def build_library(archs, *, cache_dir: str | None = None) -> str:
         with open(path, "rb") as f:
             digest.update(path.encode() + f.read())
     digest.update(repr((FLAGS, tuple(archs))).encode())
-    cache_dir = cache_dir or os.path.join(os.environ.get("BELLE_EDGE_CACHE", os.path.join(
-        os.path.expanduser("~"), ".cache", "belle_edge")), "kernels", digest.hexdigest()[:16])
+    cache_dir = cache_dir or cache_or_temp_dir("kernels", digest.hexdigest()[:16])  # BELLE_EDGE_CACHE=off: a temp dir
     lib = os.path.join(cache_dir, LIBRARY)
     if os.path.exists(lib):
         return lib

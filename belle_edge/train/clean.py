@@ -91,8 +91,9 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Callable
 
-from belle_edge.errors import InputError, MissingDependencyError
-from belle_edge.train.data import Dialogue, Turn, read_dialogues, write_dialogues, write_text_atomic
+from ..core.dialogues import Dialogue, Turn, read_dialogues, write_dialogues
+from ..core.folders import write_text_atomic
+from ..errors import InputError, MissingDependencyError
 
 RULES = ("normalize", "whitespace", "pii_masked", "one_sided_turns", "too_short", "empty_dialogues", "too_long",
          "language", "exact_duplicates", "near_duplicates")

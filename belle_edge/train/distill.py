@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..mask import MaskConfig
-from .collate import Row, encode_dialogue, pack
-from .sft import RECORD, ReplyLoss, lora, mask_of, trainable_share
-from .data import write_text_atomic
+from ..core.folders import write_text_atomic
+from ..core.rows import ReplyLoss, Row, encode_dialogue, pack
+from .sft import RECORD, lora, mask_of, trainable_share
 from .trainer import TrainConfig, sample_rows, seed_everything, train
 
 DEFAULT_DISTILL_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "distill.json")
@@ -70,12 +70,12 @@ def text_rows(tokenizer, texts: list[str], max_len: int) -> list[Row]:
 
 def run_distill(student_path: str, teacher_path: str | None, out: str, config: TrainConfig, *,
                 data: list[str] | None = None, resume: bool = False, progress: bool = True, log=print) -> dict:
-    from ..compile.load import load_checkpoint
-    from ..compile.save import save_checkpoint
-    from ..evaluate.fidelity import token_map
+    from ..core.load import load_checkpoint
+    from ..core.save import save_checkpoint
+    from ..core.fidelity import token_map
     from ..models.decoder import Decoder
-    from ..prune.calibration import default_calibration_texts
-    from .data import read_dialogues
+    from ..core.texts import calibration_texts
+    from ..core.dialogues import read_dialogues
 
     pruning = None
     record_path = os.path.join(student_path, "pruning.json")
@@ -108,7 +108,7 @@ def run_distill(student_path: str, teacher_path: str | None, out: str, config: T
         rows = pack(examples, config.max_len)[0] + text_rows(student_ckpt.tokenizer, texts, config.max_len)
         data_name = [os.path.abspath(p) for p in data]
     else:
-        rows = text_rows(student_ckpt.tokenizer, default_calibration_texts(), config.max_len)
+        rows = text_rows(student_ckpt.tokenizer, calibration_texts(), config.max_len)
         data_name = "calibration text (pydoc_data.topics even topics + zh_calibration.txt)"
     rows = sample_rows(rows, config)
     teacher = Decoder.from_state_dict(teacher_ckpt.config, teacher_ckpt.state_dict).requires_grad_(False)
@@ -123,7 +123,7 @@ def run_distill(student_path: str, teacher_path: str | None, out: str, config: T
     result = train(model, rows, loss, config, out, resume=resume, progress=progress, log=log)
     if config.lora_rank:
         model = model.merge_and_unload()
-    student_ckpt.state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    student_ckpt = student_ckpt.replace(state_dict={k: v.detach().clone() for k, v in model.state_dict().items()})
     record = {"kind": "distill", "student": os.path.abspath(student_path),
               "teacher": {"path": teacher_path, "source": teacher_ckpt.source}, "data": data_name,
               "config": config.to_dict(), "parameters": share, "seconds": round(time.perf_counter() - t0, 1), **result}

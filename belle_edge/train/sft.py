@@ -12,13 +12,11 @@ import os
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
 from ..mask import MaskConfig
-from .collate import Row, encode_dialogue, pack
-from .data import write_text_atomic
+from ..core.rows import ReplyLoss, encode_dialogue, pack
+from ..core.folders import write_text_atomic
 from .trainer import TrainConfig, sample_rows, seed_everything, train
 
 RECORD = "training.json"
@@ -26,27 +24,6 @@ RECORD = "training.json"
 
 def mask_of(config: TrainConfig) -> MaskConfig:
     return MaskConfig(window=config.window, sinks=config.sinks) if config.window is not None else MaskConfig.off()
-
-
-class ReplyLoss:
-    """Summed cross-entropy of the next token wherever the row marks a target (reply tokens)."""
-
-    def __init__(self, mask: MaskConfig):
-        self.mask = mask
-
-    @staticmethod
-    def count(row: Row) -> int:
-        return int((row.targets != -100).sum())
-
-    def logits(self, model, row: Row, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        if allowed is None:
-            allowed = torch.from_numpy(row.allowed(self.mask))
-        return model(torch.from_numpy(row.ids)[None], row.positions, row.turns, self.mask, allowed=allowed)[0]
-
-    def __call__(self, model, row: Row):
-        targets = torch.from_numpy(row.targets)
-        loss = F.cross_entropy(self.logits(model, row)[:-1].float(), targets, ignore_index=-100, reduction="sum")
-        return loss, self.count(row)
 
 
 def split(dialogues: list, share: float, seed: int) -> tuple[list, list]:
@@ -82,9 +59,9 @@ def trainable_share(model) -> dict:
 
 def run_sft(model_path: str | None, data_path: str, out: str, config: TrainConfig, *, resume: bool = False,
             progress: bool = True, log=print) -> dict:
-    from ..compile.load import load_checkpoint
+    from ..core.load import load_checkpoint
     from ..models.decoder import Decoder
-    from .data import read_dialogues, write_dialogues
+    from ..core.dialogues import read_dialogues, write_dialogues
 
     if config.lora_rank == 0:
         raise InputError("train sft: lora_rank 0 would train every weight; SFT here is LoRA (rank >= 1)")
@@ -126,8 +103,8 @@ def run_merge(run: str, out: str, *, base: str | None = None, force: bool = Fals
     """Fold the run's LoRA adapter into its base model and write a checkpoint ``compile`` takes."""
     from peft import PeftModel
 
-    from ..compile.load import load_checkpoint
-    from ..compile.save import save_checkpoint
+    from ..core.load import load_checkpoint
+    from ..core.save import save_checkpoint
     from ..models.decoder import Decoder
 
     record_path = os.path.join(run, RECORD)
@@ -145,7 +122,7 @@ def run_merge(run: str, out: str, *, base: str | None = None, force: bool = Fals
     ckpt = load_checkpoint(None if base == "default" else base)
     model = PeftModel.from_pretrained(Decoder.from_state_dict(ckpt.config, ckpt.state_dict), adapter)
     merged = model.merge_and_unload()
-    ckpt.state_dict = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    ckpt = ckpt.replace(state_dict={k: v.detach().clone() for k, v in merged.state_dict().items()})
     records = {RECORD: {**record, "merged_from": os.path.abspath(run)}}
     pruning = os.path.join(base, "pruning.json") if base != "default" and os.path.isdir(base) else None
     if pruning and os.path.isfile(pruning):  # a fine-tuned pruned model keeps its pruning record

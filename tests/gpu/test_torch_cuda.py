@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from belle_edge.api import torch_chat_model
-from belle_edge.compile.load import load_checkpoint
+from belle_edge.core.load import load_checkpoint
 from belle_edge.mask import MaskConfig
 from belle_edge.models.decoder import Decoder
 

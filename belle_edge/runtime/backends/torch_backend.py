@@ -14,7 +14,8 @@ import torch
 
 from ...errors import InputError
 from ...mask import WINDOW_OFF, MaskConfig
-from ...models.decoder import Decoder, FusedInputs, rope_inv_freq
+from ...models.decoder import Decoder, FusedInputs
+from ...models.positions import rope_inv_freq
 
 
 class TorchBackend:
@@ -51,6 +52,9 @@ class TorchBackend:
         return False, reason
 
     def _init_fused(self) -> None:
+        from ...ops.attention import dynamic_mask_attention
+
+        self._op = dynamic_mask_attention
         cfg, dev = self.decoder.cfg, self.device
         long = dict(dtype=torch.int64, device=dev)
         self._k_pos = torch.zeros(1, self.capacity, **long)
@@ -69,7 +73,7 @@ class TorchBackend:
         self._graph_logits = None
 
     def _inputs(self, q_pos, q_turn) -> FusedInputs:
-        return FusedInputs(start=self._start, q_pos=q_pos, q_turn=q_turn, k_pos=self._k_pos, k_turn=self._k_turn,
+        return FusedInputs(op=self._op, start=self._start, q_pos=q_pos, q_turn=q_turn, k_pos=self._k_pos, k_turn=self._k_turn,
                            window=self._window, sinks=self._sinks, inv_freq=self._inv_freq, max_keys=self.capacity)
 
     def _sync_tables(self, start: int, key_positions, key_turns, mask: MaskConfig) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 
 from ...errors import BelleEdgeError, ContextFullError, InputError, MissingDependencyError
 from ...mask import WINDOW_OFF, MaskConfig
-from .cuda_device import CudaError, open_device
+from ...paths import kernels_build_dir
+from .cuda_device import open_device
 
 PLUGIN_ENV = "BELLE_EDGE_PLUGIN"
 PLUGIN_FILE = "libbelle_trt_plugin.so"
@@ -112,10 +113,8 @@ def plugin_library(manifest: dict, artifact: str) -> str | None:
     record = build_record(manifest)
     if not record.get("plugin_layers"):
         return None
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__))))))
     candidates = [os.environ[PLUGIN_ENV]] if os.environ.get(PLUGIN_ENV) else \
-        [os.path.join(artifact, PLUGIN_FILE), os.path.join(repo, "kernels", "build", PLUGIN_FILE)]
+        [os.path.join(artifact, PLUGIN_FILE), os.path.join(kernels_build_dir(), PLUGIN_FILE)]
     for path in candidates:
         if os.path.isfile(path):
             return path

@@ -26,11 +26,11 @@ values kept as ""), so ``read_dialogues(write_dialogues(d))`` gives ``d`` back e
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from belle_edge.errors import InputError
+from ..errors import InputError
+from .folders import write_text_atomic
 
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"assistant", "gpt", "bot"})
@@ -230,24 +230,6 @@ def _record(dialogue: Dialogue) -> dict:
     record: dict = {} if dialogue.id is None else {"id": dialogue.id}
     record["conversations"] = messages
     return record
-
-
-def write_text_atomic(path: str, lines: Iterable[str]) -> None:
-    """Write ``lines`` to ``path`` whole or not at all (a temporary file in the same folder, then os.replace)."""
-    # a plain open (not mkstemp) so the file gets the usual permissions of the user's umask
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_dialogues(dialogues: Iterable[Dialogue], path: str) -> None:

@@ -2,5 +2,5 @@
 
 ``prune.prune_checkpoint`` is the pass; ``plan`` the solver, ``calibration`` the measures that rank what to
 keep, ``slicing`` the cut itself, ``vocab`` the tokenizer rewrite;
-``belle_edge.compile.save`` writes the Hugging Face output.
+``belle_edge.core.save`` writes the Hugging Face output.
 """

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
-from .calibration import Stats, calibration_ids, collect_stats, default_calibration_texts
+from ...errors import InputError
+from ...core.texts import calibration_texts
+from .calibration import Stats, calibration_ids, collect_stats
 from .plan import MODES, TOLERANCE, Plan, count_params, render, solve
 from .slicing import Selection, slice_model
 
@@ -49,15 +50,16 @@ class PruneResult:
     plan: Plan
     record: dict = field(default_factory=dict)   # what pruning.json / the manifest keep
     trim: object | None = None       # the VocabTrim when the vocabulary shrank
+    tokenizer_config: dict | None = None  # the source's tokenizer_config.json re-keyed to the trimmed vocabulary
 
 
 def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
-    from ..models.decoder import Decoder
+    from ...models.decoder import Decoder
 
     t0 = time.perf_counter()
     before = count_params(ckpt.config)
     target = req.target_params if req.target_params is not None else round(req.ratio * before)
-    texts = list(req.calibration) if req.calibration is not None else default_calibration_texts()
+    texts = list(req.calibration) if req.calibration is not None else calibration_texts()
     chunks = calibration_ids(ckpt.tokenizer, texts, tokens=req.calibration_tokens)
 
     trim = None
@@ -74,7 +76,7 @@ def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
         candidates.append((plan, sel))
     scores, pruned = [], None
     if len(candidates) > 1:  # the solver's mix: the depth/width split that best keeps the calibration text
-        from ..evaluate.fidelity import measure
+        from ...core.fidelity import measure
 
         cal_texts = {f"calibration {i}": t for i, t in enumerate(texts)}
         teacher_logits = {}  # every candidate shares the tokenizer: the teacher runs once per text
@@ -111,7 +113,13 @@ def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
     if pruned is None:
         pruned = _student(ckpt, plan, sel, trim)
     record["seconds"] = round(time.perf_counter() - t0, 2)
-    return PruneResult(pruned, plan, record, trim)
+    tokenizer_config = None
+    if trim is not None:
+        from ...core.save import source_tokenizer_config
+        from .vocab import remap_tokenizer_config
+
+        tokenizer_config = remap_tokenizer_config(source_tokenizer_config(ckpt), trim)
+    return PruneResult(pruned, plan, record, trim, tokenizer_config)
 
 
 # ------------------------------------------------------------------------------------------- vocabulary
@@ -163,7 +171,7 @@ def select(plan: Plan, stats: Stats, trim) -> Selection:
 
 def _student(ckpt, plan: Plan, sel: Selection, trim):
     """The pruned Checkpoint: config, weights, tokenizer, chat format and stop tokens, ids remapped."""
-    from ..compile.load import Checkpoint
+    from ...core.checkpoint import Checkpoint
 
     cfg = plan.config
     stop = set(ckpt.stop_token_ids)

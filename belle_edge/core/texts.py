@@ -40,3 +40,8 @@ def chinese_held_out() -> str:
 def held_out_texts() -> dict[str, str]:
     """The default evaluation texts, by name."""
     return {"en:pydoc_data.topics(odd)": english_held_out(), "zh:zh_held_out.txt": chinese_held_out()}
+
+
+def calibration_texts() -> list[str]:
+    """The default calibration texts: English (even topics) and Chinese (``zh_calibration.txt``)."""
+    return [english_calibration(), chinese_calibration()]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.config import ModelConfig
+from ...models.config import ModelConfig
 
 
 @dataclass

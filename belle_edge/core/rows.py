@@ -1,4 +1,5 @@
 """Dialogues -> training rows: the runtime's tokenization, the runtime's turn-window mask, loss on replies only.
+Shared by training (SFT, distillation) and evaluation (reply perplexity).
 
 A dialogue is tokenized segment by segment exactly as ``ChatSession`` feeds it (system text in turn 0, then
 per turn k the user text, the reply and the reply's closing text, all in turn k), so training sees the
@@ -14,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..mask import MaskConfig, visible
 
@@ -107,3 +110,24 @@ def _row(examples: list[Example]) -> Row:
                turns=cat([e.turns for e in examples]),
                segments=cat([np.full(len(e.ids), i) for i, e in enumerate(examples)]),
                loss=cat([e.loss for e in examples]))
+
+
+class ReplyLoss:
+    """Summed cross-entropy of the next token wherever the row marks a target (reply tokens)."""
+
+    def __init__(self, mask: MaskConfig):
+        self.mask = mask
+
+    @staticmethod
+    def count(row: Row) -> int:
+        return int((row.targets != -100).sum())
+
+    def logits(self, model, row: Row, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        if allowed is None:
+            allowed = torch.from_numpy(row.allowed(self.mask))
+        return model(torch.from_numpy(row.ids)[None], row.positions, row.turns, self.mask, allowed=allowed)[0]
+
+    def __call__(self, model, row: Row):
+        targets = torch.from_numpy(row.targets)
+        loss = F.cross_entropy(self.logits(model, row)[:-1].float(), targets, ignore_index=-100, reduction="sum")
+        return loss, self.count(row)

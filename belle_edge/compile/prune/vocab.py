@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from tokenizers import Tokenizer, pre_tokenizers
 
-from belle_edge.errors import CheckpointError, UnsupportedModelError
+from ...errors import CheckpointError, UnsupportedModelError
 
 _BATCH = 256  # texts per encode_batch call: parallel enough, and a huge corpus never sits in memory at once
 _FALLBACK_BYTES = tuple(f"<0x{b:02X}>" for b in range(256))  # the spelling tokenizers' byte_fallback looks up

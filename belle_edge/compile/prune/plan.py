@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import InputError
-from ..models.config import ModelConfig
+from ...errors import InputError
+from ...models.config import ModelConfig
 
 MODES = ("mix", "width", "depth")
 TOLERANCE = 0.02  # the plan's parameter count must land within 2% of the target
@@ -54,7 +54,7 @@ def count_params(cfg: ModelConfig) -> int:
     """Exact parameter count of the canonical model of ``cfg`` (built on the meta device: no memory)."""
     import torch
 
-    from ..models.decoder import Decoder
+    from ...models.decoder import Decoder
 
     with torch.device("meta"):
         model = Decoder(cfg)

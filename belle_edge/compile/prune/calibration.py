@@ -20,16 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import InputError
-from ..mask import MaskConfig
-
-
-def default_calibration_texts() -> list[str]:
-    """English (every other topic of CPython's pydoc_data.topics; the rest is held out for evaluation) and
-    Chinese (belle_edge/data/zh_calibration.txt)."""
-    from ..evaluate.texts import english_calibration, chinese_calibration
-
-    return [english_calibration(), chinese_calibration()]
+from ...errors import InputError
+from ...core.fidelity import forward_chunks
 
 
 def calibration_ids(tokenizer, texts: list[str], *, tokens: int, where: str = "calibration text") -> list[np.ndarray]:
@@ -54,17 +46,6 @@ class Stats:
     q_heads: list[torch.Tensor]        # per layer (H,)
     v_dims: list[torch.Tensor]         # per layer (H*D,): o_proj input channel contribution
     qk_dims: list[torch.Tensor]        # per layer (H*D,) (MHA models)
-
-
-def forward_chunks(model, chunks: list[np.ndarray], *, seq: int = 512):
-    """Teacher-forced logits of every chunk, split into ``seq``-token sequences (each from position 0)."""
-    for chunk in chunks:
-        for a in range(0, len(chunk), seq):
-            ids = chunk[a:a + seq]
-            if len(ids) < 2:
-                continue
-            yield ids, model(torch.from_numpy(ids)[None], np.arange(len(ids)), np.zeros(len(ids), np.int64),
-                             MaskConfig.off())[0]
 
 
 @torch.no_grad()

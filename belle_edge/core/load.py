@@ -1,0 +1,73 @@
+"""Opening a local checkpoint — never fetched from a hub:
+
+* a Hugging Face directory (:mod:`.hf_dir`);
+* a GGUF file, or a directory holding exactly one (:mod:`.gguf`);
+* nothing: the default model (:mod:`belle_edge.default_model`).
+
+A folder written by the quantize stage is not a checkpoint this opens: ``belle-edge export`` takes it.
+Every failure a user can cause is a one-line ``CheckpointError`` / ``UnsupportedModelError``.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+from tokenizers import Tokenizer
+
+from ..default_model import default_model_path
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint
+
+QUANTIZED_RECORD = "quantization.json"  # marks a folder written by the quantize stage
+
+
+def load_checkpoint(model: str | None = None, *, allow_pickle: bool = False, chat_format: str = "auto",
+                    max_positions: int | None = None) -> Checkpoint:
+    from .gguf import read_gguf
+    from .hf_dir import read_hf_dir
+
+    path = checkpoint_path(model)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            ckpt = read_hf_dir(path, allow_pickle=allow_pickle, chat_format=chat_format)
+        else:
+            ckpt = read_gguf(_only_gguf(path), chat_format=chat_format)
+    else:
+        ckpt = read_gguf(path, chat_format=chat_format)
+    if max_positions is not None:
+        ckpt = ckpt.replace(config=ckpt.config.replace(max_positions=max_positions))
+    return ckpt
+
+
+def load_tokenizer(model: str | None = None) -> Tokenizer:
+    """Only the tokenizer of a checkpoint (for data tools): no weights are read where that can be avoided."""
+    from .gguf import converted_dir
+    from .hf_dir import read_tokenizer
+
+    path = checkpoint_path(model)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return read_tokenizer(path)[0]
+    cached = converted_dir(path) if os.path.isfile(path) else None
+    if cached:
+        return read_tokenizer(cached)[0]
+    return load_checkpoint(model).tokenizer  # a GGUF seen for the first time: convert (and cache) it
+
+
+def checkpoint_path(model: str | None) -> str:
+    """The absolute path ``model`` names (the default model's file for None); refuses a missing one and a
+    quantize stage's output with a pointer to what takes it."""
+    path = default_model_path() if model is None else os.path.abspath(os.path.expanduser(model))
+    if not os.path.exists(path):
+        raise CheckpointError(f"{model}: no such file or directory")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANTIZED_RECORD)):
+        raise CheckpointError(f"{path}: a quantized checkpoint (written by belle-edge quantize); export it to an "
+                              f"artifact with: belle-edge export {model} --out ARTIFACT")
+    return path
+
+
+def _only_gguf(folder: str) -> str:
+    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if len(ggufs) != 1:
+        raise CheckpointError(f"{folder}: not a model directory: expected config.json or one .gguf file, "
+                              f"found {len(ggufs)} .gguf files and no config.json")
+    return ggufs[0]
