@@ -102,10 +102,10 @@ def _prepare(args, backends) -> dict:
     from belle_edge.core.load import load_checkpoint
     from belle_edge.compile.pipeline import CompileConfig, compile_model
     from belle_edge.manifest import is_artifact
+    from belle_edge.paths import cache_or_temp_dir
 
     ckpt = load_checkpoint(args.model)
-    cache = os.path.join(os.environ.get("BELLE_EDGE_CACHE", os.path.expanduser("~/.cache/belle_edge")), "bench")
-    os.makedirs(cache, exist_ok=True)
+    cache = cache_or_temp_dir("bench")  # BELLE_EDGE_CACHE=off: a temporary folder
     tokenizer_path = os.path.join(cache, f"{ckpt.fingerprint}-tokenizer.json")
     ckpt.tokenizer.save(tokenizer_path)
     prompt_ids = _prompt_ids(ckpt, args.prompt_tokens)
@@ -147,11 +147,11 @@ def _prepare(args, backends) -> dict:
 
 def _prompt_ids(ckpt, n: int) -> list[int]:
     """A chat prompt of about n tokens: the format's own text around English prose cut to fit."""
-    from belle_edge.compile.fidelity import held_out_text
+    from belle_edge.core.texts import english_held_out
 
     fmt, tok = ckpt.chat_format, ckpt.tokenizer
     overhead = len(tok.encode(fmt.system_text(None) + fmt.first_turn_text(None, "x"), add_special_tokens=False).ids)
-    body = tok.decode(tok.encode(held_out_text()).ids[:max(1, n - overhead)])
+    body = tok.decode(tok.encode(english_held_out()).ids[:max(1, n - overhead)])
     return tok.encode(fmt.system_text(None) + fmt.first_turn_text(None, body),
                       add_special_tokens=fmt.add_special_tokens_first).ids
 

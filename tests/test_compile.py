@@ -24,13 +24,13 @@ def artifact(tmp_path_factory, tiny_llama_dir):
 
 def test_the_artifact_describes_itself(artifact):
     m = read_manifest(artifact, verify_hashes=True)
-    assert [s["name"] for s in m["stages"]] == ["load", "export", "package"]
-    for stage in m["stages"]:
-        assert stage["seconds"] >= 0 and stage["peak_rss_mb"] > 0
-    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
-    assert m["model"]["family"] == "llama" and m["target"] == "cpu" and m["precision"] == "fp32"
-    assert {"torch", "onnx", "onnxruntime", "transformers"} <= set(m["tools"])
-    assert m["chat_format"]["kind"] == "template" and m["runtime"]["stop_token_ids"]
+    assert [s.name for s in m.stages] == ["load", "export", "package"]
+    for stage in m.stages:
+        assert stage.seconds >= 0 and stage.peak_rss_mb > 0
+    assert set(m.files) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert m.model.family == "llama" and m.target == "cpu" and m.precision == "fp32"
+    assert {"torch", "onnx", "onnxruntime", "transformers"} <= set(m.tools)
+    assert m.chat_format["kind"] == "template" and m.runtime.stop_token_ids
 
 
 def test_an_artifact_chats_like_the_checkpoint(artifact, tiny_llama_dir):
@@ -67,10 +67,10 @@ def test_an_artifact_chats_with_torch_unimportable(artifact):
 def test_compile_refuses_an_existing_output_unless_forced(artifact, tiny_llama_dir):
     with pytest.raises(InputError, match="already exists; pass --force"):
         compile_model(CompileConfig(out=artifact, model=tiny_llama_dir), progress=False)
-    before = read_manifest(artifact)["created"]
+    before = read_manifest(artifact).created
     compile_model(CompileConfig(out=artifact, model=tiny_llama_dir, force=True), progress=False)
-    assert read_manifest(artifact)["files"] and os.listdir(os.path.dirname(artifact)) == [os.path.basename(artifact)]
-    assert before <= read_manifest(artifact)["created"]
+    assert read_manifest(artifact).files and os.listdir(os.path.dirname(artifact)) == [os.path.basename(artifact)]
+    assert before <= read_manifest(artifact).created
 
 
 def test_a_failed_compile_leaves_nothing_that_looks_complete(tmp_path, tiny_llama_dir, monkeypatch):
@@ -90,12 +90,17 @@ def test_compile_quantized_records_its_fidelity(tmp_path, tiny_llama_dir):
     out = str(tmp_path / "int4")
     m = compile_model(CompileConfig(out=out, model=tiny_llama_dir, precision="int4", fidelity_tokens=128),
                       progress=False)
-    stages = {s["name"]: s for s in m["stages"]}
+    stages = {s.name: s.details for s in m.stages}
     assert stages["quantize"]["sources"] == {"rtn": 2 * 7 + 1}
     assert stages["export"]["quantized_matmuls"] == 15
     fidelity = stages["fidelity"]
     # a random tiny model has nearly flat logits, so near-ties decide top-1; KL is the sharper figure here
     assert fidelity["tokens"] == 128 and 0 <= fidelity["kl_mean"] < 0.01 and fidelity["top1_agreement"] >= 0.8
+    # measured on the held-out texts, English and Chinese, never on the calibration half
+    from belle_edge.core.texts import held_out_texts
+
+    assert set(fidelity["texts"]) == set(held_out_texts()) == {"en:pydoc_data.topics(odd)", "zh:zh_held_out.txt"}
+    assert sum(t["tokens"] for t in fidelity["texts"].values()) == 128 and fidelity["reference"] == tiny_llama_dir
     assert load(out).session(max_new_tokens=4).send("你好").stats.new_tokens >= 1
 
 
@@ -137,10 +142,10 @@ def test_inspect_prints_the_manifest_and_verify_catches_damage(artifact, tmp_pat
 def test_the_default_model_compiles_to_int4_with_its_gguf_blocks(tmp_path, default_checkpoint):
     out = str(tmp_path / "smol-int4")
     m = compile_model(CompileConfig(out=out, precision="int4", fidelity_tokens=256), progress=False)
-    stages = {s["name"]: s for s in m["stages"]}
+    stages = {s.name: s.details for s in m.stages}
     assert stages["quantize"]["sources"] == {"gguf:Q4_1": 210, "gguf:Q8_0": 1}  # carried over, not re-rounded
     assert stages["fidelity"]["top1_agreement"] >= 0.9
-    assert m["files"]["model.onnx.data"]["bytes"] < 125 * 2**20
+    assert m.files["model.onnx.data"].bytes < 125 * 2**20
     reply = load(out).session(max_new_tokens=16).send("Give me three tips for writing clear emails.")
     assert reply.text.strip()
     print(json.dumps(stages["fidelity"]))
@@ -164,8 +169,8 @@ def test_a_half_precision_artifact_chats(tmp_path, tiny_llama_dir):
     out = str(tmp_path / "fp16")
     m = compile_model(CompileConfig(out=out, model=tiny_llama_dir, precision="fp16", fidelity_tokens=64),
                       progress=False)
-    assert m["runtime"]["kv_dtype"] == "float16"
-    assert {s["name"]: s for s in m["stages"]}["fidelity"]["kl_mean"] < 0.01
+    assert m.runtime.kv_dtype == "float16"
+    assert m.stage("fidelity").details["kl_mean"] < 0.01
     reply = load(out).session(max_new_tokens=5).send("你好")
     assert reply.stats.new_tokens >= 1 and reply.stats.kv_tokens > 0
 
@@ -187,3 +192,37 @@ def test_targets_refuse_what_the_device_lacks_and_what_does_not_fit():
     record = check_memory(TARGETS["orin-nano"], "int4", params=3_000_000_000, layers=30, kv_heads=32,
                           head_dim=128, kv_tokens=2048)
     assert record["total_gib"] < 8
+
+
+def test_the_stages_run_alone_meet_on_disk(tmp_path, tiny_llama_dir):
+    """quantize -> (a folder) -> export -> (an artifact): the same artifact as compile in one go, byte for
+    byte in its weights, and a stop in between can be inspected and continued."""
+    from belle_edge.cli import main
+    from belle_edge.core.quantized import read_quantized
+
+    q, art, whole = tmp_path / "q", tmp_path / "art", tmp_path / "whole"
+    assert main(["quantize", tiny_llama_dir, "--precision", "int4", "--out", str(q)]) == 0
+    ckpt, doc = read_quantized(str(q))
+    assert doc["record"]["precision"] == "int4" and len(ckpt.quantized) == 2 * 7 + 1
+    assert doc["source"]["path"] == tiny_llama_dir
+    assert main(["export", str(q), "--out", str(art), "--no-progress"]) == 0
+    m = read_manifest(str(art), verify_hashes=True)
+    assert m.precision == "int4" and m.source.kind == "quantized" and m.source.path == str(q)
+    assert [s.name for s in m.stages] == ["load", "export", "fidelity", "package"]
+    assert m.stage("fidelity").details["reference"] == tiny_llama_dir  # the model it was quantized from
+    one_go = compile_model(CompileConfig(out=str(whole), model=tiny_llama_dir, precision="int4"), progress=False)
+    assert m.files["model.onnx.data"] == one_go.files["model.onnx.data"]
+    a, b = load(str(art)).session(max_new_tokens=6), load(str(whole)).session(max_new_tokens=6)
+    assert a.send("你好").text == b.send("你好").text
+
+
+def test_stages_run_alone_refuse_what_does_not_fit(tmp_path, tiny_llama_dir):
+    from belle_edge.cli import main
+
+    q = tmp_path / "q"
+    assert main(["quantize", tiny_llama_dir, "--precision", "int8", "--out", str(q)]) == 0
+    with pytest.raises(InputError, match="quantized to int8, not int4"):
+        compile_model(CompileConfig(out=str(tmp_path / "a"), model=str(q), precision="int4"), progress=False)
+    assert main(["quantize", tiny_llama_dir, "--precision", "fp16", "--out", str(tmp_path / "x")]) == 2
+    assert main(["chat", str(q)]) == 2  # a quantized checkpoint is not a checkpoint chat opens: export it
+    assert sorted(os.listdir(tmp_path)) == ["q"]

@@ -348,10 +348,14 @@ def test_compile_with_a_prune_stage(sources, tmp_path):
     assert main(["compile", sources["llama"], "--out", out, "--prune-ratio", "0.6", "--prune-mode", "width",
                  "--prune-calibration", str(cal), "--no-progress"]) == 0
     m = read_manifest(out)
-    stage = next(s for s in m["stages"] if s["name"] == "prune")
-    assert [s["name"] for s in m["stages"]][:2] == ["load", "prune"]
-    assert m["model"]["hidden_size"] == stage["plan"]["shape_after"]["hidden"] < 64
-    assert "calibration" not in m["settings"]["prune"]
+    stage = m.stage("prune").details
+    assert [s.name for s in m.stages][:2] == ["load", "prune"]
+    assert m.model.hidden_size == stage["plan"]["shape_after"]["hidden"] < 64
+    assert "calibration" not in m.settings["prune"]
+    # the same code path as `belle-edge prune`: the fidelity record and the teacher hand-off are there too
+    assert {"en:pydoc_data.topics(odd)", "zh:zh_held_out.txt"} <= set(stage["fidelity"]["texts"])
+    assert stage["teacher"]["path"] == os.path.abspath(sources["llama"]) and stage["memory"]["parameters"] > 0
+    assert not os.path.exists(os.path.join(out, ".stages"))  # the pruned checkpoint was a hand-off, not shipped
     from belle_edge import load
 
     reply = load(out).session(max_new_tokens=4).send("你好")

@@ -7,7 +7,7 @@ cache's device copies (ping-pong, 2D compaction, read/write) against numpy; and 
 the engine, a dialogue through :class:`TrtBackend` against ONNX Runtime's logits. Without them those tests
 skip with the reason.
 """
-import copy
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -24,14 +24,14 @@ import pytest
 from belle_edge.errors import BelleEdgeError, InputError, MissingDependencyError
 from belle_edge.mask import MaskConfig
 from belle_edge.runtime.backends import cuda_device
+from belle_edge.manifest import Plugin
 from belle_edge.runtime.backends.trt_backend import (PLUGIN_ENV, EngineMismatchError, EngineRuntimeError,
-                                                     TrtBackend, build_record, check_engine, load_plugin,
-                                                     plugin_library)
+                                                     TrtBackend, check_engine, load_plugin, plugin_library)
 
 HAS_GPU_NODE = bool(glob.glob("/dev/nvidia[0-9]*"))
 HAS_CUDA_PYTHON = importlib.util.find_spec("cuda") is not None and \
     importlib.util.find_spec("cuda.bindings") is not None
-SM_TARGETS = {86: "rtx3090", 80: "a100"}  # targets TensorRT-RTX builds for
+SM_TARGETS = {86: "rtx3090"}  # targets whose engines TensorRT-RTX builds (and whose GPUs run them)
 LIBM = ("/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6", "/usr/lib64/libm.so.6")
 
 
@@ -64,23 +64,22 @@ def artifact(trt_rtx, tmp_path_factory, tiny_llama_dir):
     return out, manifest
 
 
-def _with_build(manifest, **changes):
-    derived = copy.deepcopy(manifest)
-    build_record(derived).update(changes)
-    return derived
+def _with_engine(manifest, **changes):
+    engine = dataclasses.replace(manifest.runtime.engine, **changes)
+    return manifest.replace(runtime=dataclasses.replace(manifest.runtime, engine=engine))
 
 
 # ------------------------------------------------------------------------------------------- check_engine
 def test_check_engine_accepts_the_machine_the_engine_was_built_for(artifact, trt_rtx):
     path, manifest = artifact
-    record = check_engine(manifest, trt_rtx, manifest["runtime"]["sm"], artifact=path)
-    assert record["tensorrt"] == "tensorrt_rtx" and record["tensorrt_version"] == trt_rtx.__version__
-    assert record["plugin_layers"] == 0 and os.path.isfile(os.path.join(path, record["engine"]))
+    engine = check_engine(manifest, trt_rtx, manifest.runtime.engine.sm, artifact=path)
+    assert engine.builder == "tensorrt_rtx" and engine.builder_version == trt_rtx.__version__
+    assert engine.plugin is None and os.path.isfile(os.path.join(path, engine.file))
 
 
 def test_check_engine_refuses_another_gpu_with_the_rebuild_command(artifact, trt_rtx):
-    path, manifest = artifact[0], _with_build(artifact[1], sm=86)
-    model = manifest["settings"]["model"]
+    path, manifest = artifact[0], _with_engine(artifact[1], sm=86)
+    model = manifest.settings["model"]
     with pytest.raises(EngineMismatchError) as e:
         check_engine(manifest, trt_rtx, 80, artifact=path)
     message = str(e.value)
@@ -102,12 +101,12 @@ def test_check_engine_refuses_another_gpu_with_the_rebuild_command(artifact, trt
 ])
 def test_check_engine_refuses_another_tensorrt(artifact, trt_rtx, flavour, version, expected):
     path, real = artifact
-    manifest = _with_build(real, tensorrt=flavour, tensorrt_version=version)
+    manifest = _with_engine(real, builder=flavour, builder_version=version)
     with pytest.raises(EngineMismatchError) as e:
-        check_engine(manifest, trt_rtx, real["runtime"]["sm"], artifact=path)
+        check_engine(manifest, trt_rtx, real.runtime.engine.sm, artifact=path)
     message = str(e.value)
     assert "\n" not in message and expected.format(v=trt_rtx.__version__) in message, message
-    assert f"rebuild it here: belle-edge compile {real['settings']['model']} --target {real['target']} " in message
+    assert f"rebuild it here: belle-edge compile {real.settings['model']} --target {real.target} " in message
     assert isinstance(e.value, InputError)  # a user's fixable mistake: the CLI prints one line
 
 
@@ -115,8 +114,7 @@ def test_an_artifact_without_an_engine_is_refused_for_tensorrt(artifact):
     from belle_edge.runtime.artifact import _tensorrt
 
     path, real = artifact
-    manifest = copy.deepcopy(real)
-    manifest["runtime"].update(engine=None, engine_built_on_device=True)
+    manifest = real.replace(runtime=dataclasses.replace(real.runtime, engine=None, engine_on_device=True))
     with pytest.raises(InputError, match=f"no TensorRT engine \\(build it: belle-edge build-engine {re.escape(path)}"):
         _tensorrt(path, manifest)
 
@@ -125,8 +123,8 @@ def test_an_artifact_without_an_engine_is_refused_for_tensorrt(artifact):
 def test_plugin_engines_need_the_plugin_library(artifact, trt_rtx, monkeypatch, tmp_path):
     path, real = artifact
     assert plugin_library(real, path) is None  # native attention: no plugin layers, nothing to load
-    identity = {"name": "DynamicMaskAttention", "version": "1", "namespace": "belle", "in_engine": True}
-    manifest = _with_build(real, plugin_layers=2, plugin=identity)
+    identity = Plugin(name="DynamicMaskAttention", version="1", namespace="belle", layers=2, in_engine=True)
+    manifest = _with_engine(real, plugin=identity)
     monkeypatch.setenv(PLUGIN_ENV, str(tmp_path / "missing.so"))
     with pytest.raises(MissingDependencyError) as e:
         plugin_library(manifest, path)
@@ -138,6 +136,31 @@ def test_plugin_engines_need_the_plugin_library(artifact, trt_rtx, monkeypatch, 
     assert plugin_library(manifest, path) == libm
     with pytest.raises(EngineRuntimeError, match="could not load it as a plugin library"):
         load_plugin(trt_rtx, libm, identity)
+
+
+def test_the_plugin_library_is_looked_for_in_this_checkouts_kernels_build(artifact, monkeypatch, tmp_path):
+    """Without $BELLE_EDGE_PLUGIN or a library in the artifact, the fallback is kernels/build of the checkout
+    belle_edge runs from (it once resolved to the checkout's parent), or of $BELLE_EDGE_KERNELS."""
+    path, real = artifact
+    manifest = _with_engine(real, plugin=Plugin(name="DynamicMaskAttention", version="1", namespace="belle",
+                                                layers=2, in_engine=True))
+    monkeypatch.delenv(PLUGIN_ENV, raising=False)
+    monkeypatch.delenv("BELLE_EDGE_KERNELS", raising=False)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    expected = os.path.join(repo, "kernels", "build", "libbelle_trt_plugin.so")
+    if os.path.isfile(expected):
+        assert plugin_library(manifest, path) == expected
+    else:
+        with pytest.raises(MissingDependencyError) as e:
+            plugin_library(manifest, path)
+        assert f"or {expected});" in str(e.value)
+    kernels = tmp_path / "kernels"
+    (kernels / "include").mkdir(parents=True)
+    (kernels / "include" / "belle_attention.h").write_text("")
+    (kernels / "build").mkdir()
+    (kernels / "build" / "libbelle_trt_plugin.so").write_bytes(b"")
+    monkeypatch.setenv("BELLE_EDGE_KERNELS", str(kernels))
+    assert plugin_library(manifest, path) == str(kernels / "build" / "libbelle_trt_plugin.so")
 
 
 # ------------------------------------------------------------------------------------------- CUDA and fallback
@@ -165,7 +188,7 @@ def test_load_artifact_uses_tensorrt_or_says_why_not(artifact, capfd):
     model = load_artifact(path)
     err = capfd.readouterr().err
     reason = cuda_device.unavailable()
-    if reason is None and _device_sm() == manifest["runtime"]["sm"]:
+    if reason is None and _device_sm() == manifest.runtime.engine.sm:
         assert model.backend_name == "tensorrt" and err == ""
         assert model.default_capacity == 257  # the engine's KV range bounds the session's default
     else:
@@ -200,7 +223,7 @@ NO_TORCH = textwrap.dedent('''
 
     path = sys.argv[1]
     manifest = read_manifest(path)
-    trt_backend.check_engine(manifest, tensorrt_rtx, manifest["runtime"]["sm"], artifact=path)
+    trt_backend.check_engine(manifest, tensorrt_rtx, manifest.runtime.engine.sm, artifact=path)
     reason = cuda_device.unavailable()
     model = load_artifact(path)
     reply = model.session(max_new_tokens=3).send("你好")

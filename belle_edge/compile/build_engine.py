@@ -5,7 +5,8 @@ One builder for both TensorRT flavours through a thin shim (:func:`import_tensor
 which builds ahead of time with no GPU). Facts this relies on (DESIGN.md, checked on our machines):
 
 * TensorRT-RTX is strongly typed: precision comes from the ONNX (export it in fp16); it takes the target
-  compute capability explicitly (SM75/80/86/89/120/121; not sm_87 Orin or sm_90 H100).
+  compute capability explicitly. Its builder accepts SM75/80/86/89/120/121 (not sm_87 Orin or sm_90 H100),
+  but its engines run only on RTX-class GPUs: ``targets.BUILDERS`` says which SMs, and which targets use it.
 * Its ONNX parser dlopens an unversioned ``libtensorrt_rtx.so`` while looking up plugins; the wheel ships
   only ``.so.1``. So the build runs in a child process whose ``LD_LIBRARY_PATH`` holds a folder with that
   link (:func:`library_env`) — it cannot be set once Python has started.
@@ -21,25 +22,93 @@ writes ``model.engine`` and ``build.log`` and prints its manifest record.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..errors import BelleEdgeError, MissingDependencyError
+from ..core.stage import measured
+from ..errors import BelleEdgeError, InputError, MissingDependencyError
+from ..manifest import Engine, Plugin, Profile, StageRecord
+from ..paths import cache_or_temp_dir
+from ..targets import BUILDERS, Builder, Target
+
+if TYPE_CHECKING:
+    from .job import Job
 
 ENGINE_FILE = "model.engine"
 LOG_FILE = "build.log"
-RTX_SMS = (75, 80, 86, 89, 120, 121)
 
 
 class EngineBuildError(BelleEdgeError):
     """TensorRT refused the network or failed to build; the message points at the build log."""
 
 
+def choose_builder(target: Target, module: str | None = None) -> Builder | None:
+    """The first of the target's builders (targets.py, in its order of preference) installed here, or the
+    one whose Python module is ``module``; None when none is. Refuses a ``module`` the target does not use."""
+    builders = [BUILDERS[name] for name in target.builders if BUILDERS[name].module]
+    if module is not None:
+        builders = [b for b in builders if b.module == module]
+        if not builders:
+            raise InputError(f"--tensorrt {module}: {target.name} engines are built by "
+                             f"{' or '.join(target.builders)} (belle_edge/targets.py)")
+    return next((b for b in builders if importlib.util.find_spec(b.module) is not None), None)
+
+
+def no_builder_error(target: Target) -> InputError:
+    ways = "; ".join(f"{name}: {BUILDERS[name].description}" for name in target.builders)
+    return InputError(f"no engine builder for {target.name} (sm_{target.sm}) is installed here ({ways}); install "
+                      "one, or compile with --no-engine and run belle-edge build-engine where one is")
+
+
+@dataclass(frozen=True)
+class EngineStage:
+    """The build stage. Details recorded: ``layers``, ``compute_capability`` (TensorRT-RTX), ``builder_peak_rss_mb``,
+    ``builder_baseline_rss_mb`` (TensorRT itself, before the model), ``builder_parsed_rss_mb`` (after the ONNX
+    parse); the engine's own facts go to the manifest's ``runtime.engine``."""
+    target: Target
+    builder: Builder
+    attention: str  # what the ONNX holds: "plugin" | "native"
+    max_prefill: int = 512
+    max_kv_tokens: int = 4096  # the profiles' longest past: this or the model's positions, the fewer
+
+    name = "build"
+    reads = "model.onnx of the artifact"
+    writes = "model.engine, build.log"
+
+    def run(self, job: "Job") -> StageRecord:
+        return measured(self, lambda: self._build(job), reads="model.onnx", writes=(ENGINE_FILE, LOG_FILE))
+
+    def _build(self, job: "Job") -> dict:
+        model = job.exported.config if job.exported is not None else job.previous.model
+        record = build_engine(os.path.join(job.artifact, "model.onnx"), job.artifact, sm=self.target.sm,
+                              attention=self.attention, max_prefill=self.max_prefill,
+                              max_past=min(self.max_kv_tokens, model.max_positions), flavour=self.builder.module)
+        job.engine = engine_info(record)
+        keep = ("layers", "compute_capability", "builder_peak_rss_mb", "builder_baseline_rss_mb",
+                "builder_parsed_rss_mb")
+        return {k: record[k] for k in keep if k in record}
+
+
+def engine_info(record: dict) -> Engine:
+    """The manifest's Engine from what the builder process reported."""
+    plugin = record.get("plugin")
+    return Engine(file=record["engine"], log=record["log"], builder=record["tensorrt"],
+                  builder_version=record["tensorrt_version"], sm=record["sm"], attention=record["attention"],
+                  profiles=tuple(Profile(name=p["name"], batch=tuple(p["batch"]), new_tokens=tuple(p["new_tokens"]),
+                                         past=tuple(p["past"])) for p in record["profiles"]),
+                  plugin=None if not plugin else Plugin(layers=record["plugin_layers"], **plugin),
+                  bytes=record["bytes"])
+
+
 def import_tensorrt(flavour: str | None = None):
-    """(module, flavour): standard TensorRT where installed, else TensorRT-RTX; or the one asked for."""
+    """(module, flavour): the TensorRT module asked for, else standard TensorRT where installed, else
+    TensorRT-RTX. Runs in the builder's child process."""
     order = [flavour] if flavour else ["tensorrt", "tensorrt_rtx"]
     for name in order:
         try:
@@ -52,16 +121,13 @@ def import_tensorrt(flavour: str | None = None):
                                  "TensorRT release for your platform (JetPack, NGC)")
 
 
-def library_env(cache_dir: str) -> dict:
+def library_env() -> dict:
     """Environment for a child process in which TensorRT-RTX's parser finds its unversioned library."""
-    import importlib.util
-
     spec = importlib.util.find_spec("tensorrt_rtx_libs")
     if spec is None or not spec.submodule_search_locations:
         return dict(os.environ)
     libs = spec.submodule_search_locations[0]
-    links = os.path.join(cache_dir, "tensorrt_rtx_links")
-    os.makedirs(links, exist_ok=True)
+    links = cache_or_temp_dir("tensorrt_rtx_links")  # BELLE_EDGE_CACHE=off: a temporary folder
     for name in os.listdir(libs):
         if ".so." in name:
             link = os.path.join(links, name.split(".so.")[0] + ".so")
@@ -77,12 +143,11 @@ def library_env(cache_dir: str) -> dict:
 
 def build_engine(onnx_path: str, out_dir: str, *, sm: int, attention: str, max_batch: int = 1,
                  max_prefill: int = 512, max_past: int = 4096, flavour: str | None = None) -> dict:
-    """Build in a child process (see module docstring); returns the manifest record."""
-    cache = os.environ.get("BELLE_EDGE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "belle_edge"))
+    """Build in a child process (see module docstring); returns what it reports."""
     request = {"onnx": onnx_path, "out_dir": out_dir, "sm": sm, "attention": attention, "max_batch": max_batch,
                "max_prefill": max_prefill, "max_past": max_past, "flavour": flavour}
     result = subprocess.run([sys.executable, "-m", __name__, json.dumps(request)], capture_output=True, text=True,
-                            env=library_env(cache))
+                            env=library_env())
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         reply = json.loads(lines[-1]) if lines else {}
@@ -107,10 +172,9 @@ def _build(req: dict) -> dict:
 
     logger = Logger()
     plugin = req["attention"] == "plugin"
-    if plugin:
-        from .trt_plugin import NAME, NAMESPACE, VERSION, register
+    from .trt_plugin import NAME, NAMESPACE, VERSION, register
 
-        creator = register(trt)  # noqa: F841  (kept alive for the build)
+    creator = register(trt) if plugin else None  # kept alive for the build: the registry holds no reference
     builder = trt.Builder(logger)
     baseline_mb = _rss_mb()  # TensorRT's libraries loaded, no model yet: the fixed part of the peak
     network = builder.create_network(_network_flags(trt, flavour))
@@ -126,14 +190,15 @@ def _build(req: dict) -> dict:
 
     config = builder.create_builder_config()
     if flavour == "tensorrt_rtx":
-        if req["sm"] not in RTX_SMS:
-            raise RuntimeError(f"TensorRT-RTX cannot build for sm_{req['sm']} (it builds {RTX_SMS})")
+        runs_on = BUILDERS["tensorrt-rtx"].runs_on
+        if req["sm"] not in runs_on:
+            raise RuntimeError(f"TensorRT-RTX engines do not run on sm_{req['sm']} (they run on {runs_on})")
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{req['sm']}"), 0)
     profiles = _profiles(trt, builder, network, config, req, merged=flavour == "tensorrt_rtx")
     engine_path = os.path.join(req["out_dir"], ENGINE_FILE)
     size = _serialize(trt, builder, network, config, engine_path)
-    del network, parser, builder
+    del network, parser, builder, creator
     log.close()
     record = {
         "engine": ENGINE_FILE, "log": LOG_FILE, "tensorrt": flavour, "tensorrt_version": trt.__version__,

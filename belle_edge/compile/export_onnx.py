@@ -20,7 +20,8 @@ present.{i}.key (output)       float   [B, kv_heads, S, head_dim]      past + ne
 present.{i}.value (output)     float   [B, kv_heads, S, head_dim]
 =============================  ======  ==============================  =========================================
 
-"float" is float32 or float16 (``dtype``); logits are always float32. Attention is one node
+"float" is float32 or float16 (``dtype``); logits are always float32; ``mask_window`` takes
+``belle_edge.mask.WINDOW_OFF`` for "off". Attention is one node
 ``belle.DynamicMaskAttention`` (version 1) per layer; its model-local ONNX function body (standard ops) lets
 stock onnxruntime run it, and a TensorRT plugin with the same identity can replace it (the node carries
 ``plugin_namespace="belle"`` and ``plugin_version="1"``: TensorRT's parser looks plugins up by those). Query heads are
@@ -39,19 +40,27 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..core.quantized import BlockQuantized, concat_rows
+from ..core.stage import measured
 from ..errors import UnsupportedModelError
-from ..mask import WINDOW_OFF, visible  # noqa: F401  (WINDOW_OFF: the mask_window input's 'off')
+from ..manifest import StageRecord
+from ..mask import visible
 from ..models.config import ModelConfig
+from ..targets import Target
 from .onnx_builder import DTYPES, NP_DTYPES, ExternalData, GraphBuilder, Sym
 
+if TYPE_CHECKING:
+    from .job import Job
+
 DTYPES_BY_NP = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
-from .quantize import BlockQuantized, concat_rows
 
 OPSET = 23
 DOMAIN = "belle"
@@ -64,6 +73,45 @@ ATTENTION_MODES = ("plugin", "native")  # our node (function body / TensorRT plu
 ATTN_INPUTS = ["query", "key", "value", "past_key", "past_value", "q_positions", "q_turns", "k_positions",
                "k_turns", "window", "sinks", "alibi_slopes"]
 ATTN_OUTPUTS = ["output", "present_key", "present_value"]
+
+
+@dataclass(frozen=True)
+class ExportStage:
+    """The export stage: the model in hand (plain or quantized) -> ``model.onnx`` + ``model.onnx.data`` and
+    ``tokenizer.json`` in the artifact. A cpu artifact gets the ``ort`` flavor and our attention node; a GPU
+    one the portable flavor TensorRT parses, with our plugin node or ONNX ``Attention`` (``attention``).
+    Details recorded: what :func:`export_onnx` returns, and ``parameters``."""
+    target: Target
+    precision: str
+    attention: str = "plugin"
+
+    name = "export"
+    reads = "checkpoint or quantized checkpoint (the previous stage's folder)"
+    writes = "model.onnx, model.onnx.data, tokenizer.json"
+
+    @property
+    def dtype(self) -> str:
+        return "float16" if self.precision in ("fp16", "bf16") else "float32"
+
+    def run(self, job: "Job") -> StageRecord:
+        ckpt = job.checkpoint()
+        return measured(self, lambda: self._export(job), reads=ckpt.source,
+                        writes=(ONNX_FILE, DATA_FILE, "tokenizer.json"))
+
+    def _export(self, job: "Job") -> dict:
+        ckpt = job.checkpoint()
+        attention = self.attention if self.target.gpu else "plugin"
+        if self.target.gpu and attention == "plugin":
+            from .trt_plugin import check_plugin_shapes
+
+            check_plugin_shapes(ckpt.config, where=ckpt.source)
+        # a cpu artifact runs on onnxruntime: let it use its fused ops; TensorRT parses the portable one
+        record = export_onnx(ckpt.config, ckpt.state_dict, job.artifact, dtype=self.dtype,
+                             quantized=dict(ckpt.quantized) or None, flavor="portable" if self.target.gpu else "ort",
+                             attention=attention)
+        ckpt.tokenizer.save(os.path.join(job.artifact, "tokenizer.json"))
+        job.exported, job.export = ckpt, record
+        return {**record, "parameters": ckpt.parameters}
 
 
 def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str = "float32",

@@ -18,73 +18,67 @@ Sources:
   weights; a tensor that does not match exactly is re-quantized instead, and the record says which.
 * ``rtn``: round-to-nearest with the block's min and max, for everything else.
 
-Offsets are used for 4-bit RTN only. Precisions: ``int8`` (8-bit everywhere) and ``int4`` (4-bit linears, 8-bit LM head/embedding: the head
-decides every token and is where 4-bit hurts most; llama.cpp's Q4 files keep it at Q8_0 too).
+Offsets are used for 4-bit RTN only. Precisions: ``int8`` (8-bit everywhere) and ``int4`` (4-bit linears,
+8-bit LM head/embedding: the head decides every token and is where 4-bit hurts most; llama.cpp's Q4 files
+keep it at Q8_0 too).
+
+The stage writes a quantized checkpoint folder (core/quantized.py), which ``belle-edge export`` reads;
+``belle-edge quantize`` runs it alone. Details recorded: ``precision``, ``bits``, ``head_bits``,
+``block_size``, ``offsets``, ``tensors``, ``sources`` (tensors per origin: "rtn", "gguf:Q4_1", ...),
+``quantized_params``, ``quantized_bytes``.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.checkpoint import Checkpoint
+from ..core.quantized import BlockQuantized, write_quantized
+from ..core.stage import measured
 from ..errors import InputError
+from ..manifest import StageRecord
 from ..models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from .job import Job
 
 PRECISION_BITS = {"int8": 8, "int4": 4}
 
 
+def quantize_to_folder(ckpt: Checkpoint, precision: str, out: str, *, block_size: int = 32,
+                       force: bool = False) -> tuple[Checkpoint, dict]:
+    """Quantize ``ckpt`` and write the quantized checkpoint to ``out``; returns it (as read from ``out``) and
+    the record. A GGUF checkpoint's own blocks are carried over where they match its weights exactly."""
+    if precision not in PRECISION_BITS:
+        raise InputError(f"precision {precision!r}: the quantize stage makes {' or '.join(PRECISION_BITS)}")
+    blocks = gguf_blocks(ckpt.source, ckpt.config) if ckpt.kind == "gguf" else None
+    quantized, record = quantize_weights(ckpt.config, ckpt.state_dict, precision, block_size=block_size,
+                                         gguf_blocks=blocks)
+    path = write_quantized(ckpt, quantized, record, out, force=force)
+    rest = {k: v for k, v in ckpt.state_dict.items() if k not in quantized}
+    return ckpt.replace(state_dict=rest, quantized=quantized, source=path, kind="quantized"), record
+
+
 @dataclass(frozen=True)
-class BlockQuantized:
-    bits: int
-    block_size: int
-    codes: np.ndarray  # uint8 (N, K), values 0 .. 2^bits - 1
-    scales: np.ndarray  # float32 (N, K / block_size)
-    zero_points: np.ndarray  # uint8 (N, K / block_size)
-    offsets: np.ndarray | None  # float32 (N, K / block_size), or None when all zero
-    source: str  # "rtn" | "gguf:Q4_1" | ...
+class QuantizeStage:
+    precision: str  # "int8" | "int4"
+    block_size: int = 32
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.codes.shape
+    name = "quantize"
+    reads = "checkpoint (a GGUF file's own Q4_0/Q4_1/Q8_0 blocks are carried over)"
+    writes = "quantized checkpoint folder: quantization.json + weights/quantized safetensors + tokenizer"
 
-    def dequantize(self) -> np.ndarray:
-        n, k = self.codes.shape
-        blocks = self.codes.reshape(n, -1, self.block_size).astype(np.float32)
-        w = self.scales[..., None] * (blocks - self.zero_points[..., None].astype(np.float32))
-        if self.offsets is not None:
-            w = w + self.offsets[..., None]
-        return w.reshape(n, k)
+    def run(self, job: "Job") -> StageRecord:
+        out = job.scratch(self.name)
+        return measured(self, lambda: self._quantize(job, out), reads=job.checkpoint().source, writes=(out,))
 
-    # ONNX Runtime layouts ------------------------------------------------------------------------------
-    def packed_codes(self) -> np.ndarray:
-        """(N, K/block, block*bits/8) uint8; two 4-bit codes per byte, the even element in the low nibble."""
-        n, k = self.codes.shape
-        blocks = self.codes.reshape(n, k // self.block_size, self.block_size)
-        if self.bits == 8:
-            return blocks
-        return (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
-
-    def packed_zero_points(self) -> np.ndarray:
-        """(N, ceil(K/block * bits / 8)) uint8."""
-        if self.bits == 8:
-            return self.zero_points
-        zp = self.zero_points
-        if zp.shape[1] % 2:
-            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
-        return (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
-
-
-def concat_rows(parts: list[BlockQuantized]) -> BlockQuantized:
-    """Stack weights of one input along N (fused q/k/v or gate/up); blocks run along K, so they stay whole."""
-    first = parts[0]
-    assert all(p.bits == first.bits and p.block_size == first.block_size for p in parts)
-    with_offsets = any(p.offsets is not None for p in parts)
-    offsets = np.concatenate([p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in parts]) \
-        if with_offsets else None
-    return BlockQuantized(first.bits, first.block_size, np.concatenate([p.codes for p in parts]),
-                          np.concatenate([p.scales for p in parts]), np.concatenate([p.zero_points for p in parts]),
-                          offsets, "+".join(sorted({p.source for p in parts})))
+    def _quantize(self, job: "Job", out: str) -> dict:
+        quantized, record = quantize_to_folder(job.checkpoint(), self.precision, out, block_size=self.block_size)
+        job.hand_on(out, quantized)
+        return record
 
 
 def linear_names(cfg: ModelConfig) -> list[str]:

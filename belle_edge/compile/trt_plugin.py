@@ -20,20 +20,17 @@ DECODE_KEYS_PER_SPLIT = 128  # kernels/src/decode.cu MIN_KEYS_PER_SPLIT: sizes t
 FIELDS = (("num_heads", "int"), ("num_kv_heads", "int"), ("head_dim", "int"), ("scale", "float"))
 
 
-KERNEL_HEAD_DIMS = (64, 128)  # kernels/src/api.cu: the head sizes the fused kernels are compiled for
-KERNEL_MAX_GROUP = 8  # query heads per KV head the decode kernel's templates cover
-
-
 def check_plugin_shapes(cfg, *, where: str) -> None:
     """Refuse, at compile time, an engine whose plugin layers the kernels would refuse on the device
     (a pruned BLOOM's head size, say)."""
     from ..errors import UnsupportedModelError
+    from ..targets import KERNELS
 
-    if cfg.head_dim not in KERNEL_HEAD_DIMS or cfg.group_size > KERNEL_MAX_GROUP:
+    why = KERNELS.refusal(head_dim=cfg.head_dim, group=cfg.group_size)
+    if why:
         raise UnsupportedModelError(
-            f"{where}: head size {cfg.head_dim} with {cfg.group_size} query heads per KV head; our attention plugin "
-            f"runs head sizes {' or '.join(map(str, KERNEL_HEAD_DIMS))} with at most {KERNEL_MAX_GROUP}: compile with "
-            "--attention native (TensorRT's own attention)")
+            f"{where}: head size {cfg.head_dim} with {cfg.group_size} query heads per KV head: our attention plugin "
+            f"cannot run it ({why}); compile with --attention native (TensorRT's own attention)")
 
 
 def make_creator(trt):

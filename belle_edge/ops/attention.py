@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..mask import MaskConfig, visible
 from ..models.positions import apply_rope
+from ..targets import KERNELS
 
 
 # --------------------------------------------------------------------------------------------- reference
@@ -131,19 +132,17 @@ def load_library():
 
 
 def kernels_available(device=None, dtype=torch.float16, head_dim: int = 128, group: int = 1) -> tuple[bool, str]:
-    """(True, "") when the CUDA kernels can serve this device/shape, else (False, why)."""
+    """(True, "") when the CUDA kernels can serve this device/shape, else (False, why). The limits are
+    belle_edge.targets.KERNELS."""
     if not torch.cuda.is_available():
         return False, "no CUDA GPU on this machine"
     if device is not None and torch.device(device).type != "cuda":
         return False, f"device {device} is not CUDA"
-    if dtype not in _DTYPES:
-        return False, f"the kernels run fp16/bf16, not {dtype}"
-    if head_dim not in (64, 128):
-        return False, f"the kernels support head dims 64 and 128, not {head_dim}"
-    if group > 8:
-        return False, f"decode supports up to 8 query heads per kv head, not {group}"
-    if torch.cuda.get_device_capability(device) < (8, 0):
-        return False, "the kernels need sm_80 or newer (mma.sync bf16)"
+    major, minor = torch.cuda.get_device_capability(device)
+    why = KERNELS.refusal(head_dim=head_dim, group=group, dtype=str(dtype).removeprefix("torch."),
+                          sm=major * 10 + minor)
+    if why:
+        return False, why
     try:
         load_library()
     except Exception as e:  # nvcc missing or failing: say so, fall back to the reference

@@ -13,7 +13,7 @@ import sys
 from tokenizers import Tokenizer
 
 from ..errors import BelleEdgeError, InputError
-from ..manifest import read_manifest
+from ..manifest import Manifest, read_manifest
 from .chat_format import chat_format_from_dict
 from .model import ChatModel
 
@@ -26,7 +26,7 @@ def load_artifact(folder: str, *, threads: int | None = None, backend: str = "au
     if backend not in BACKENDS:
         raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     manifest = read_manifest(folder)
-    rt = manifest["runtime"]
+    rt = manifest.runtime
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     factory, name, limit = None, "onnxruntime", None
     if backend != "onnxruntime":
@@ -36,40 +36,40 @@ def load_artifact(folder: str, *, threads: int | None = None, backend: str = "au
         except BelleEdgeError as e:
             if backend == "tensorrt":
                 raise
-            if rt.get("backend") == "tensorrt":  # a GPU artifact; a cpu one runs on ONNX Runtime by design
+            if rt.backend == "tensorrt":  # a GPU artifact; a cpu one runs on ONNX Runtime by design
                 print(f"belle-edge: {folder} runs on ONNX Runtime (CPU) from its ONNX: {e}", file=sys.stderr)
     if factory is None:
         factory = _onnxruntime(folder, manifest, threads)
     return ChatModel(
-        name=f"{manifest['source']['name']} [{manifest['target']}/{manifest['precision']}]",
-        tokenizer=tokenizer, chat_format=chat_format_from_dict(manifest["chat_format"]),
-        stop_token_ids=frozenset(rt["stop_token_ids"]), max_positions=rt["max_positions"],
-        fingerprint=rt["fingerprint"], backend_factory=factory, backend_name=name, max_kv_tokens=limit,
+        name=f"{manifest.source.name} [{manifest.target}/{manifest.precision}]",
+        tokenizer=tokenizer, chat_format=chat_format_from_dict(manifest.chat_format),
+        stop_token_ids=frozenset(rt.stop_token_ids), max_positions=rt.max_positions,
+        fingerprint=rt.fingerprint, backend_factory=factory, backend_name=name, max_kv_tokens=limit,
     )
 
 
-def _tensorrt(folder: str, manifest: dict):
+def _tensorrt(folder: str, manifest: Manifest):
     """(backend factory, KV tokens the engine can hold); raises a one-line BelleEdgeError saying why not."""
     from .backends.trt_backend import TrtBackend, open_engine
 
-    rt = manifest["runtime"]
-    if not rt.get("engine"):
-        hint = (f"build it: belle-edge build-engine {folder}" if rt.get("engine_built_on_device")
-                else f"a {manifest['target']} artifact has none")
+    rt = manifest.runtime
+    if rt.engine is None:
+        hint = (f"build it: belle-edge build-engine {folder}" if rt.engine_on_device
+                else f"a {manifest.target} artifact has none")
         raise InputError(f"{folder}: no TensorRT engine ({hint})")
     engine = open_engine(folder, manifest)
     return (lambda capacity: TrtBackend(engine, capacity=capacity)), engine.max_past + 1
 
 
-def _onnxruntime(folder: str, manifest: dict, threads: int | None):
+def _onnxruntime(folder: str, manifest: Manifest, threads: int | None):
     from .backends.ort_backend import OrtBackend, make_session
 
-    rt, cfg = manifest["runtime"], manifest["model"]
-    session = make_session(os.path.join(folder, rt["onnx"]), threads=threads)
+    rt, cfg = manifest.runtime, manifest.model
+    session = make_session(os.path.join(folder, rt.onnx), threads=threads)
 
     def factory(capacity: int) -> OrtBackend:
-        return OrtBackend(session, num_layers=cfg["num_layers"], num_kv_heads=cfg["num_kv_heads"],
-                          head_dim=cfg["head_dim"], vocab_size=cfg["vocab_size"], kv_dtype=rt["kv_dtype"],
+        return OrtBackend(session, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, kv_dtype=rt.kv_dtype,
                           capacity=capacity)
 
     return factory

@@ -26,6 +26,7 @@ import threading
 import numpy as np
 
 from ...errors import BelleEdgeError, ContextFullError, InputError, MissingDependencyError
+from ...manifest import Engine, Manifest, Plugin
 from ...mask import WINDOW_OFF, MaskConfig
 from ...paths import kernels_build_dir
 from .cuda_device import open_device
@@ -48,31 +49,30 @@ class EngineRuntimeError(BelleEdgeError):
 
 
 # ------------------------------------------------------------------------------------------- checks (pure)
-def build_record(manifest: dict) -> dict:
-    """The manifest record of the build that made the artifact's engine (the last ``build`` stage)."""
-    records = [s for s in manifest.get("stages", []) if s.get("name") == "build"]
-    if not manifest.get("runtime", {}).get("engine") or not records:
-        raise InputError(f"the {manifest.get('target')} artifact has no TensorRT engine")
-    return records[-1]
+def engine_of(manifest: Manifest) -> Engine:
+    """The artifact's engine (manifest.runtime.engine); refuses an artifact that has none."""
+    if manifest.runtime.engine is None:
+        raise InputError(f"the {manifest.target} artifact has no TensorRT engine")
+    return manifest.runtime.engine
 
 
 def _describe(flavour: str, version: str) -> str:
     return f"{FLAVOURS.get(flavour, flavour)} {version}"
 
 
-def rebuild_command(manifest: dict, artifact: str, target: str | None = None) -> str:
+def rebuild_command(manifest: Manifest, artifact: str, target: str | None = None) -> str:
     """The command(s) that give ``artifact`` an engine for ``target`` (default: its own) on this machine."""
     from ...targets import get_target
 
-    target = target or manifest["target"]
-    settings = manifest.get("settings", {})
+    target = target or manifest.target
+    settings = manifest.settings
     words = ["belle-edge", "compile"] + ([settings["model"]] if settings.get("model") else [])  # None: default
-    words += ["--target", target, "--precision", manifest.get("precision", "fp16")]
-    if settings.get("attention", "plugin") != "plugin":
-        words += ["--attention", settings["attention"]]
+    words += ["--target", target, "--precision", manifest.precision]
+    if manifest.runtime.attention != "plugin":
+        words += ["--attention", manifest.runtime.attention]
     if settings.get("max_kv_tokens", 4096) != 4096:
         words += ["--max-kv-tokens", str(settings["max_kv_tokens"])]
-    on_device = get_target(target).builders == ("tensorrt-on-device",)  # get_target: "orin" is an alias
+    on_device = get_target(target).builds_on_device  # get_target: "orin" is an alias
     words += (["--no-engine"] if on_device else []) + ["--out", artifact, "--force"]
     command = " ".join(shlex.quote(w) for w in words)
     if on_device:  # JetPack's TensorRT builds Orin engines on the Orin itself (jetson/build_engine.sh)
@@ -80,38 +80,38 @@ def rebuild_command(manifest: dict, artifact: str, target: str | None = None) ->
     return command
 
 
-def check_engine(manifest: dict, trt_module, device_sm: int, *, artifact: str = "ARTIFACT") -> dict:
+def check_engine(manifest: Manifest, trt_module, device_sm: int, *, artifact: str = "ARTIFACT") -> Engine:
     """Refuse (one line: expected vs got, and how to rebuild) an engine this machine cannot run: another
     TensorRT flavour or release than ``trt_module``, or another compute capability than ``device_sm``.
-    Returns the build record."""
-    from ...targets import TARGETS
+    Returns the engine's facts."""
+    from ...targets import TARGETS, targets_for_sm
 
-    record = build_record(manifest)
-    where = os.path.join(artifact, manifest["runtime"]["engine"])
-    built = _describe(record["tensorrt"], record["tensorrt_version"])
+    engine = engine_of(manifest)
+    where = os.path.join(artifact, engine.file)
+    built = _describe(engine.builder, engine.builder_version)
     here = _describe(trt_module.__name__.split(".")[0], trt_module.__version__)
-    if record["sm"] != device_sm:
-        fits = [name for name, t in TARGETS.items() if t.sm == device_sm]
+    if engine.sm != device_sm:
+        fits = targets_for_sm(device_sm)
         if not fits:
             known = ", ".join(sorted({f"sm_{t.sm}" for t in TARGETS.values() if t.sm}))
-            raise EngineMismatchError(f"{where}: built for sm_{record['sm']} ({manifest['target']}), but this GPU is "
+            raise EngineMismatchError(f"{where}: built for sm_{engine.sm} ({manifest.target}), but this GPU is "
                                       f"sm_{device_sm}, for which belle-edge has no target (targets: {known}); run "
                                       "the artifact on ONNX Runtime (backend='onnxruntime') or on a matching GPU")
-        raise EngineMismatchError(f"{where}: built for sm_{record['sm']} ({manifest['target']}), but this GPU is "
+        raise EngineMismatchError(f"{where}: built for sm_{engine.sm} ({manifest.target}), but this GPU is "
                                   f"sm_{device_sm} ({' / '.join(fits)}); rebuild it: "
                                   f"{rebuild_command(manifest, artifact, fits[0])}")
     if built != here:
         raise EngineMismatchError(f"{where}: built with {built}, but this machine has {here} (an engine runs only "
                                   f"on the release that built it); rebuild it here: "
                                   f"{rebuild_command(manifest, artifact)}")
-    return record
+    return engine
 
 
-def plugin_library(manifest: dict, artifact: str) -> str | None:
+def plugin_library(manifest: Manifest, artifact: str) -> str | None:
     """Path of our C++ plugin library when the engine has plugin layers (None when it has none): $BELLE_EDGE_PLUGIN,
     else one shipped in the artifact, else the checkout's ``kernels/build``. Refuses when none exists."""
-    record = build_record(manifest)
-    if not record.get("plugin_layers"):
+    engine = engine_of(manifest)
+    if engine.plugin is None or not engine.plugin.layers:
         return None
     candidates = [os.environ[PLUGIN_ENV]] if os.environ.get(PLUGIN_ENV) else \
         [os.path.join(artifact, PLUGIN_FILE), os.path.join(kernels_build_dir(), PLUGIN_FILE)]
@@ -119,15 +119,15 @@ def plugin_library(manifest: dict, artifact: str) -> str | None:
         if os.path.isfile(path):
             return path
     raise MissingDependencyError(
-        f"{artifact}: its engine has {record['plugin_layers']} belle::DynamicMaskAttention plugin layers and the "
+        f"{artifact}: its engine has {engine.plugin.layers} belle::DynamicMaskAttention plugin layers and the "
         f"plugin library was not found ({' or '.join(candidates)}); build it (cmake -S kernels -B kernels/build && "
         f"cmake --build kernels/build), set {PLUGIN_ENV}=/path/to/{PLUGIN_FILE}, or compile with --attention native")
 
 
-def load_plugin(trt, path: str, plugin: dict) -> None:
+def load_plugin(trt, path: str, plugin: Plugin) -> None:
     """Load our plugin library into TensorRT's registry and check that it serves the engine's plugin."""
     registry = trt.get_plugin_registry()
-    name, version, namespace = plugin["name"], plugin["version"], plugin["namespace"]
+    name, version, namespace = plugin.name, plugin.version, plugin.namespace
     if registry.get_creator(name, version, namespace) is not None:
         return  # already loaded in this process
     if registry.load_library(path) is None:
@@ -151,20 +151,19 @@ def import_trt(flavour: str):
     raise MissingDependencyError(f"running a {FLAVOURS.get(flavour, flavour)} engine needs its Python bindings: {hint}")
 
 
-def open_engine(artifact: str, manifest: dict, *, cuda_graphs: bool | None = None) -> "TrtEngine":
+def open_engine(artifact: str, manifest: Manifest, *, cuda_graphs: bool | None = None) -> "TrtEngine":
     """Every check, cheapest first, then the engine. Raises a one-line BelleEdgeError naming the first that fails."""
-    record = build_record(manifest)
-    trt = import_trt(record["tensorrt"])
+    engine = engine_of(manifest)
+    trt = import_trt(engine.builder)
     device = open_device()
     try:
         check_engine(manifest, trt, device.compute_capability(), artifact=artifact)
         path = plugin_library(manifest, artifact)
         if path:
-            load_plugin(trt, path, record["plugin"])
+            load_plugin(trt, path, engine.plugin)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get(GRAPHS_ENV, "1") != "0"
-        return TrtEngine(trt, device, os.path.join(artifact, manifest["runtime"]["engine"]), manifest,
-                         cuda_graphs=cuda_graphs)
+        return TrtEngine(trt, device, os.path.join(artifact, engine.file), manifest, cuda_graphs=cuda_graphs)
     except BaseException:
         device.close()
         raise
@@ -192,12 +191,12 @@ class TrtEngine:
     """One deserialized engine, its contexts and stream; shared by the sessions of one model (calls are
     serialized by a lock: the contexts, the stream and the staging buffers are shared)."""
 
-    def __init__(self, trt, device, engine_path: str, manifest: dict, *, cuda_graphs: bool = True):
-        cfg, rt = manifest["model"], manifest["runtime"]
+    def __init__(self, trt, device, engine_path: str, manifest: Manifest, *, cuda_graphs: bool = True):
+        cfg = manifest.model
         self.trt, self.cuda, self.path = trt, device, engine_path
-        self.layers, self.kv_heads, self.head_dim = cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"]
-        self.vocab_size = cfg["vocab_size"]
-        self.kv_dtype = np.dtype(rt["kv_dtype"])
+        self.layers, self.kv_heads, self.head_dim = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        self.vocab_size = cfg.vocab_size
+        self.kv_dtype = np.dtype(manifest.runtime.kv_dtype)
         self.lock = threading.Lock()
         self._device_buffers: list[int] = []
         self.logger = _make_logger(trt)

@@ -1,0 +1,175 @@
+"""``chat`` (interactive or a scripted dialogue) and ``demo`` (a scripted Chinese/English dialogue)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from ..errors import BelleEdgeError, InputError
+from .common import add_model_args, add_session_args, info
+
+DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_dialogue.txt")
+
+
+def register(sub) -> None:
+    chat = sub.add_parser("chat", help="chat with a model in the terminal, or run a scripted dialogue")
+    add_model_args(chat)
+    add_session_args(chat)
+    chat.add_argument("--script", help="file with one user message per line ('#' lines and blank lines skipped)")
+    chat.add_argument("--json", action="store_true", help="with --script: print one JSON document")
+    chat.add_argument("--restore", help="continue a session saved with /save")
+    chat.set_defaults(handler=run_chat)
+
+    demo = sub.add_parser("demo", help="scripted Chinese/English dialogue with the default model, per-turn stats")
+    add_model_args(demo)
+    add_session_args(demo)
+    demo.add_argument("--json", action="store_true")
+    # a 135M model loops without a little repetition penalty; short replies keep the demo brisk
+    demo.set_defaults(max_new_tokens=80, repetition_penalty=1.1, handler=run_chat, script=DEMO_SCRIPT, restore=None)
+
+
+def _open_session(args):
+    from ..api import load
+    from ..runtime.sampler import SamplingConfig
+
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    script = _read_script(args.script) if args.script else None  # a bad script fails before the slow load
+    t0 = time.perf_counter()
+    info(f"loading {args.model or 'the default model'} ...")
+    model = load(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
+                 allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads,
+                 backend=args.backend)
+    info(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s (backend {model.backend_name}, "
+          f"format {model.chat_format.name})")
+    if args.restore:
+        return model, model.restore(args.restore), script
+    session = model.session(system=args.system, window=None if args.no_window else args.window, sinks=args.sinks,
+                            sampling=sampling, max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens)
+    return model, session, script
+
+
+def run_chat(args) -> int:
+    if args.json and not args.script:
+        raise InputError("--json needs --script (an interactive chat prints text)")
+    model, session, script = _open_session(args)
+    if script is not None:
+        return _run_script(model, session, script, as_json=args.json)
+    return _interactive(session)
+
+
+def _read_script(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the dialogue script ({e})") from None
+    messages = [line for line in lines if line and not line.startswith("#")]
+    if not messages:
+        raise InputError(f"{path}: the dialogue script has no messages")
+    return messages
+
+
+def _stats_line(s) -> str:
+    return (f"[turn {s.turn} | ttft {s.ttft_ms:.0f} ms | prefill {s.prompt_tokens} tok | decode {s.new_tokens} tok "
+            f"at {s.decode_tok_s:.1f} tok/s | kv {s.kv_tokens} tok | evicted {s.evicted_tokens}"
+            f"{' | context shift' if s.context_shift else ''} | {s.finish_reason}]")
+
+
+def _run_script(model, session, messages: list[str], *, as_json: bool) -> int:
+    turns = []
+    for message in messages:
+        if not as_json:
+            print(f"you> {message}")
+            print("bot> ", end="", flush=True)
+        pieces = []
+        for piece in session.stream(message):
+            pieces.append(piece)
+            if not as_json:
+                print(piece, end="", flush=True)
+        stats = session.last_stats
+        turns.append({"user": message, "reply": "".join(pieces), **dataclasses.asdict(stats)})
+        if not as_json:
+            print(f"\n    {_stats_line(stats)}")
+    if as_json:
+        doc = {"model": model.name, "backend": model.backend_name, "window": session.mask.window,
+               "sinks": session.mask.sinks, "turns": turns}
+        print(json.dumps(doc, ensure_ascii=False, indent=2))
+    else:
+        _print_summary(session)
+    return 0
+
+
+def _print_summary(session) -> None:
+    stats = session.stats
+    if not stats:
+        print("no turns yet")
+        return
+    ttft = sorted(s.ttft_ms for s in stats)
+    rates = sorted(s.decode_tok_s for s in stats if s.decode_tok_s > 0)
+    print(f"{len(stats)} turns | median ttft {ttft[len(ttft) // 2]:.0f} ms | median decode "
+          f"{rates[len(rates) // 2] if rates else 0:.1f} tok/s | kv held {session.kv_tokens} tok | window "
+          f"{session.mask.window if session.mask.enabled else 'off'}")
+
+
+HELP = "commands: /reset  /stats  /save [FILE]  /exit   (Ctrl-C stops a reply, Ctrl-D or /exit quits)"
+
+
+def _interactive(session) -> int:
+    print(HELP)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _command(session, line):
+                return 0
+            continue
+        print("bot> ", end="", flush=True)
+        try:
+            for piece in session.stream(line):
+                print(piece, end="", flush=True)
+            print(f"\n    {_stats_line(session.last_stats)}")
+        except KeyboardInterrupt:
+            # Ctrl-C may land in our print, outside the reply's generator: settle the turn now, so /stats,
+            # /save and the next message all see it
+            session.stop_reply()
+            print("\n    [interrupted: the reply so far stays in the dialogue]")
+        except BelleEdgeError as e:
+            print(f"\nbelle-edge: error: {e}", file=sys.stderr)
+
+
+def _command(session, line: str) -> bool:
+    """Run a /command; True means quit."""
+    name, _, arg = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return True
+    if name == "/reset":
+        session.reset()
+        print("    [dialogue reset]")
+    elif name == "/stats":
+        for s in session.stats:
+            print(f"    {_stats_line(s)}")
+        _print_summary(session)
+        segments = ", ".join(f"{'system' if t == 0 else f'turn {t}'}: {n}" for t, n in session.ledger.turn_counts().items())
+        print(f"    kv cache by turn: {segments or 'empty'}")
+    elif name == "/save":
+        path = arg.strip() or "session.npz"
+        try:
+            session.save(path)
+            print(f"    [saved to {path}; continue with: belle-edge chat ... --restore {path}]")
+        except OSError as e:
+            print(f"belle-edge: error: {path}: cannot save ({e.strerror})", file=sys.stderr)
+    else:
+        print(f"    unknown command {name}; {HELP}")
+    return False
