@@ -37,8 +37,10 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
     return torch_chat_model(ckpt, device=device, dtype=dtype, name=None if model is not None else "default")
 
 
-def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name: str | None = None) -> ChatModel:
-    """A ChatModel over the torch backend from a loaded :class:`~belle_edge.core.checkpoint.Checkpoint`."""
+def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name: str | None = None,
+                     decoder=None) -> ChatModel:
+    """A ChatModel over the torch backend from a loaded :class:`~belle_edge.core.checkpoint.Checkpoint`
+    (``decoder``: the checkpoint's canonical model, when the caller has built it already)."""
     torch = _require_torch()
     from .default_model import NAME as DEFAULT_NAME
     from .models.decoder import Decoder
@@ -52,8 +54,9 @@ def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name:
         raise InputError(f"device {device!r}: no such CUDA device on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"device {device!r}: expected cpu or cuda[:N]")
-    decoder = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source,
-                                      dtype=getattr(torch, dtype), device=device)
+    if decoder is None:
+        decoder = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source,
+                                          dtype=getattr(torch, dtype), device=device)
     return ChatModel(
         name=DEFAULT_NAME if name == "default" else (name or ckpt.source),
         tokenizer=ckpt.tokenizer, chat_format=ckpt.chat_format, stop_token_ids=ckpt.stop_token_ids,

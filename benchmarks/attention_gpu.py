@@ -131,16 +131,12 @@ def ours_decode(decoder, prompt, new_tokens, capacity=4096):
     mask = MaskConfig.off()
     pos = np.arange(len(prompt))
     turns = np.ones(len(prompt), dtype=np.int64)
-    logits = backend.forward(prompt, pos, turns, start=0, key_positions=pos, key_turns=turns, mask=mask)
-    kp, kt = list(pos), list(turns)
+    logits = backend.forward(prompt, pos, turns, mask=mask)
     token, times = int(logits.argmax()), []
     for i in range(new_tokens):
-        p = len(kp)
-        kp.append(p)
-        kt.append(1)
+        p = backend.n
         t0 = time.perf_counter()
-        logits = backend.forward(np.array([token]), np.array([p]), np.array([1]), start=p,
-                                 key_positions=np.array(kp), key_turns=np.array(kt), mask=mask)
+        logits = backend.forward(np.array([token]), np.array([p]), np.array([1]), mask=mask)
         times.append(time.perf_counter() - t0)
         token = int(logits.argmax())
     return 1.0 / statistics.median(times[2:])  # after the capture
@@ -156,15 +152,10 @@ def profile_decode(decoder, prompt, steps: int = 8, top: int = 12) -> list[dict]
     mask = MaskConfig.off()
     pos = np.arange(len(prompt))
     turns = np.ones(len(prompt), dtype=np.int64)
-    backend.forward(prompt, pos, turns, start=0, key_positions=pos, key_turns=turns, mask=mask)
-    kp, kt = list(pos), list(turns)
+    backend.forward(prompt, pos, turns, mask=mask)
 
     def step():
-        p = len(kp)
-        kp.append(p)
-        kt.append(1)
-        backend.forward(np.array([1]), np.array([p]), np.array([1]), start=p, key_positions=np.array(kp),
-                        key_turns=np.array(kt), mask=mask)
+        backend.forward(np.array([1]), np.array([backend.n]), np.array([1]), mask=mask)
 
     step()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -202,31 +193,21 @@ def dialogue_turn20(decoder, turns=20, user=192, reply=64, window=3, capacity=61
     mask = MaskConfig(window=window, sinks=4) if window is not None else MaskConfig.off()
     backend = TorchBackend(decoder, capacity, fused=True, cuda_graphs=True)
     rng = np.random.default_rng(0)
-    kp, kt, p, rate = [], [], 0, 0.0
+    p, rate = 0, 0.0
     for turn in range(1, turns + 1):
-        if mask.enabled and kp:
-            keep = np.flatnonzero(retained(np.array(kp), np.array(kt), turn, mask))
-            backend.keep(keep)
-            kp, kt = [kp[i] for i in keep], [kt[i] for i in keep]
+        if mask.enabled and backend.n:  # the session's eviction: what no later query can see
+            backend.keep(np.flatnonzero(retained(backend.keys.positions, backend.keys.turns, turn, mask)))
         ids = rng.integers(0, decoder.cfg.vocab_size, user)
-        start = len(kp)
-        kp += list(range(p, p + user))
-        kt += [turn] * user
         p += user
-        logits = backend.forward(ids, np.arange(p - user, p), np.full(user, turn), start=start,
-                                 key_positions=np.array(kp), key_turns=np.array(kt), mask=mask)
+        logits = backend.forward(ids, np.arange(p - user, p), np.full(user, turn), mask=mask)
         token, times = int(logits.argmax()), []
         for _ in range(reply):
-            start = len(kp)
-            kp.append(p)
-            kt.append(turn)
             t0 = time.perf_counter()
-            logits = backend.forward(np.array([token]), np.array([p]), np.array([turn]), start=start,
-                                     key_positions=np.array(kp), key_turns=np.array(kt), mask=mask)
+            logits = backend.forward(np.array([token]), np.array([p]), np.array([turn]), mask=mask)
             times.append(time.perf_counter() - t0)
             token, p = int(logits.argmax()), p + 1
         rate = 1.0 / statistics.median(times[2:])
-    return {"window": window, "turn": turns, "kv_tokens": len(kp), "decode_tok_s": round(rate, 1)}
+    return {"window": window, "turn": turns, "kv_tokens": backend.n, "decode_tok_s": round(rate, 1)}
 
 
 def main(argv=None):

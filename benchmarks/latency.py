@@ -70,13 +70,12 @@ def run(args) -> int:
     workers, skipped = _start_workers(prep["specs"], prep["skipped"])
     try:
         singles = _interleave(workers, {"op": "single", "prompt_ids": prep["prompt_ids"],
-                                        "new_tokens": args.new_tokens}, args.runs)
+                                        "new_tokens": args.new_tokens}, args.runs, skipped=skipped)
         dialogues = {}
         if args.turns:
-            # a short dialogue first, discarded: the first session pays one-off allocations
-            _interleave(workers, {"op": "dialogue", "turns": _turns(2), "new_tokens": 4}, 1, warmup=False)
             dialogues = _interleave(workers, {"op": "dialogue", "turns": _turns(args.turns),
-                                              "new_tokens": args.turn_new_tokens}, 1, warmup=False)
+                                              "new_tokens": args.turn_new_tokens}, 1, skipped=skipped, warmup=False)
+        singles = {name: runs for name, runs in singles.items() if name in workers}  # those still alive
         rss = {name: w["peak_rss_mb"] for name, w in workers.items()}
     finally:
         for w in workers.values():
@@ -227,39 +226,78 @@ def _machine(threads: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- workers
+WORKER = [sys.executable, "-m", "benchmarks.peers"]
+
+
 def _start_workers(specs: dict, skipped: list) -> tuple[dict, list]:
+    """One process per variant (``spec["worker"]``: its command, default benchmarks/peers.py), started
+    together so they load in parallel; a variant that cannot load is skipped with the reason."""
     workers = {}
-    for name, spec in specs.items():  # start all first: they load in parallel
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS":
-                                                                        str(spec["threads"])})
-        proc.stdin.write(json.dumps(spec) + "\n")
-        proc.stdin.flush()
+    for name, spec in specs.items():
+        proc = subprocess.Popen(spec.get("worker", WORKER), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
         workers[name] = {"proc": proc, "spec": spec}
+        _send(workers[name], spec)
     ready = {}
     for name, w in workers.items():
-        line = w["proc"].stdout.readline()
-        reply = json.loads(line) if line else {"ready": False, "reason": "the worker exited while loading"}
-        if reply.get("ready"):
+        reply = _receive(w)
+        if reply is not None and reply.get("ready"):
             w["peak_rss_mb"] = reply["peak_rss_mb"]
             ready[name] = w
-        else:
-            w["proc"].kill()
-            skipped.append({"backend": name, "reason": reply.get("reason", "failed to load")})
+            continue
+        reason = reply.get("reason", "failed to load") if reply else f"{_death(w['proc'])} while loading"
+        w["proc"].kill()
+        skipped.append({"backend": name, "reason": reason})
     return ready, skipped
 
 
-def _interleave(workers: dict, request: dict, runs: int, *, warmup: bool = True) -> dict:
+def _interleave(workers: dict, request: dict, runs: int, *, skipped: list, warmup: bool = True) -> dict:
+    """``runs`` rounds of ``request`` to every worker in turn. A worker that dies (a peer's native code can
+    segfault) is dropped and reported in ``skipped`` with how it died; the others carry on."""
     results = {name: [] for name in workers}
     for r in range(runs + (1 if warmup else 0)):
-        for name, w in workers.items():
-            w["proc"].stdin.write(json.dumps(request) + "\n")
-            w["proc"].stdin.flush()
-            reply = json.loads(w["proc"].stdout.readline())
+        for name, w in list(workers.items()):
+            _send(w, request)
+            reply = _receive(w)
+            if reply is None:
+                skipped.append({"backend": name, "reason": _death(w["proc"])})
+                del workers[name], results[name]
+                continue
             w["peak_rss_mb"] = reply["peak_rss_mb"]
             if r > 0 or not warmup:
                 results[name].append(reply["result"])
     return results
+
+
+def _send(worker: dict, message: dict) -> None:
+    try:
+        worker["proc"].stdin.write(json.dumps(message) + "\n")
+        worker["proc"].stdin.flush()
+    except (BrokenPipeError, OSError):
+        pass  # it died: _receive sees the end of its output
+
+
+def _receive(worker: dict) -> dict | None:
+    """The worker's next JSON line, or None when it has died (no more output)."""
+    line = worker["proc"].stdout.readline()
+    return json.loads(line) if line else None
+
+
+def _death(proc) -> str:
+    """How a worker process ended, in words: "the worker died of SIGSEGV" / "... exited with status 1"."""
+    import signal
+
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "the worker stopped answering"
+    if code < 0:
+        try:
+            return f"the worker died of {signal.Signals(-code).name}"
+        except ValueError:
+            return f"the worker died of signal {-code}"
+    return f"the worker exited with status {code}"
 
 
 # ------------------------------------------------------------------------------------------- reporting

@@ -37,25 +37,25 @@ class _SessionRunner:
     model = None  # a belle_edge ChatModel
 
     def single(self, prompt_ids: list[int], new_tokens: int) -> dict:
+        """One reply through the runtime's own decode loop (runtime/decode.py), stop tokens off."""
         from belle_edge.mask import MaskConfig
+        from belle_edge.runtime.decode import Decoding
+        from belle_edge.runtime.sampler import Sampler, SamplingConfig
 
         backend = self.model.backend_factory(len(prompt_ids) + new_tokens + 1)
         mask = MaskConfig.off()
         ids = np.asarray(prompt_ids, dtype=np.int64)
         n = len(ids)
-        pos, turns = np.arange(n + new_tokens, dtype=np.int64), np.zeros(n + new_tokens, dtype=np.int64)
+        decoding = Decoding(self.model.tokenizer, Sampler(SamplingConfig()), max_new_tokens=new_tokens)
+
+        def step(token: int) -> np.ndarray:
+            return backend.forward(np.array([token]), np.array([backend.n]), np.array([0]), mask=mask)
+
         t0 = time.perf_counter()
-        logits = backend.forward(ids, pos[:n], turns[:n], start=0, key_positions=pos[:n], key_turns=turns[:n],
-                                 mask=mask)
-        token = int(np.argmax(logits))
-        t1 = time.perf_counter()
-        for i in range(new_tokens - 1):
-            p = n + i
-            logits = backend.forward(np.array([token]), pos[p:p + 1], turns[p:p + 1], start=p,
-                                     key_positions=pos[:p + 1], key_turns=turns[:p + 1], mask=mask)
-            token = int(np.argmax(logits))
-        t2 = time.perf_counter()
-        return _figures(n, new_tokens, t0, t1, t2)
+        logits = backend.forward(ids, np.arange(n), np.zeros(n, dtype=np.int64), mask=mask)
+        for _ in decoding.run(logits, step):
+            pass
+        return _figures(n, new_tokens, t0, decoding.t_first, decoding.t_last)
 
     def dialogue(self, turns: list[str], new_tokens: int) -> list[dict]:
         from dataclasses import replace

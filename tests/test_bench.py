@@ -36,3 +36,35 @@ def test_bench_refuses_an_unknown_backend(tiny_llama_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "belle_edge.cli", "bench", tiny_llama_dir, "--backends",
                              "ort-fp32,vllm", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--backends: unknown vllm" in result.stderr
+
+
+# A peer whose native code crashes mid-run (llama-cpp-python built natively on an AMX Xeon segfaults in its
+# first decode): it loads, answers "ready", then dies of SIGSEGV on its first request.
+CRASHING_PEER = """
+import json, os, signal, sys
+sys.stdin.readline()
+print(json.dumps({"ready": True, "peak_rss_mb": 1.0}), flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+def test_a_peer_that_dies_is_skipped_with_its_signal_and_the_others_still_run(tiny_llama_dir):
+    from benchmarks.latency import _interleave, _start_workers
+    from belle_edge.core.load import load_tokenizer
+
+    prompt = load_tokenizer(tiny_llama_dir).encode("你好！请问订单发货了吗？").ids
+    specs = {"torch-fp32": {"kind": "belle-torch", "checkpoint": tiny_llama_dir, "threads": 1},
+             "llamacpp-q4": {"worker": [sys.executable, "-c", CRASHING_PEER], "threads": 1},
+             "transformers-fp32": {"worker": [sys.executable, "-c", "import sys; sys.exit(3)"], "threads": 1}}
+    workers, skipped = _start_workers(specs, [])
+    assert set(workers) == {"torch-fp32", "llamacpp-q4"}  # the third exited while loading
+    try:
+        results = _interleave(workers, {"op": "single", "prompt_ids": prompt, "new_tokens": 4}, 2, skipped=skipped)
+    finally:
+        for w in workers.values():
+            w["proc"].kill()
+    assert set(results) == set(workers) == {"torch-fp32"} and len(results["torch-fp32"]) == 2
+    reasons = {s["backend"]: s["reason"] for s in skipped}
+    assert reasons == {"transformers-fp32": "the worker exited with status 3 while loading",
+                       "llamacpp-q4": "the worker died of SIGSEGV"}

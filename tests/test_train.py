@@ -71,6 +71,25 @@ def test_collator_tokenizes_like_the_session_and_marks_only_replies(llama):
     assert np.array_equal(prompt.ids, ex.ids[:len(prompt.ids)])
 
 
+def test_a_session_told_the_replies_holds_what_the_collator_encodes(llama):
+    """The collator and the session cut a dialogue with the same function (runtime/dialogue.py): a session
+    fed the reference replies (add_turn) holds the collator's tokens and turns, up to the last reply's
+    close, which a session feeds with the next turn."""
+    from belle_edge.api import torch_chat_model
+    from belle_edge.core.rows import encode_dialogue
+
+    _, ckpt = llama
+    d = DIALOGUES[0]
+    session = torch_chat_model(ckpt).session(system=d.system, window=None)
+    for turn in d.turns:
+        session.add_turn(turn.user, turn.assistant)
+    ex = encode_dialogue(d, ckpt.tokenizer, ckpt.chat_format)
+    close = len(ckpt.tokenizer.encode(ckpt.chat_format.reply_end, add_special_tokens=False).ids)
+    assert session.ledger.n == len(ex.ids) - close > 0
+    assert (session.ledger.ids == ex.ids[:-close]).all() and (session.ledger.turns == ex.turns[:-close]).all()
+    assert [h["reply"] for h in session.history] == [t.assistant for t in d.turns] and session.stats == []
+
+
 def test_packed_rows_carry_the_turn_window_mask_within_each_dialogue_only(llama):
     from belle_edge.core.rows import encode_dialogue, pack
 
@@ -252,6 +271,34 @@ def test_eval_scores_replies_and_perplexity(llama, data_file):
     with_teacher = run_eval(path, data_file, max_new_tokens=4, limit=1, progress=False, teacher=path)
     for r in with_teacher["fidelity"]["texts"].values():  # the model against itself
         assert abs(r["kl_mean"]) < 1e-6 and r["top1_agreement"] == 1.0
+
+
+def test_eval_replies_stop_where_the_chat_stops(llama):
+    """eval replies through the chat session: a format's stop string ends the reply exactly where `belle-edge
+    chat` ends it (a BLOOM-based BELLE model writes the next "Human:" itself; here a stop string is chosen
+    from the model's own free reply so that it is sure to be hit)."""
+    import dataclasses
+
+    from belle_edge.api import torch_chat_model
+    from belle_edge.core.load import load_checkpoint
+    from belle_edge.evaluate.replies import model_reply
+
+    path, _ = llama
+    ckpt = load_checkpoint(path, chat_format="belle")
+    d = DIALOGUES[0]
+    free_fmt = dataclasses.replace(ckpt.chat_format, stop_strings=())
+    free = model_reply(torch_chat_model(ckpt.replace(chat_format=free_fmt)), d, 2, window=3, sinks=4,
+                       max_new_tokens=16)
+    assert len(free) >= 6, free
+    stop = free[3:5]
+    chat = torch_chat_model(ckpt.replace(chat_format=dataclasses.replace(ckpt.chat_format,
+                                                                         stop_strings=("Human:", stop))))
+    cut = model_reply(chat, d, 2, window=3, sinks=4, max_new_tokens=16)
+    assert cut == free[:free.index(stop)].strip() and len(cut) < len(free)
+    session = chat.session(system=d.system, max_new_tokens=16)
+    session.add_turn(d.turns[0].user, d.turns[0].assistant)
+    reply = session.send(d.turns[1].user)
+    assert reply.text.strip() == cut and reply.stats.finish_reason == "stop"
 
 
 def test_the_default_sft_config_is_the_seed_recipe():

@@ -287,13 +287,15 @@ def test_kv_cache_device_copies_match_numpy():
     with pytest.raises(InputError, match="holds at most 64 KV tokens"):
         TrtBackend(engine, capacity=65)
     kv = np.random.default_rng(0).standard_normal((3, 2, 2, 30, 8)).astype(np.float16)
-    backend.write_kv(kv)
-    np.testing.assert_array_equal(backend.read_kv(30), kv.astype(np.float32))
+    backend.write_kv(kv, np.arange(30), np.zeros(30, np.int64))
+    np.testing.assert_array_equal(backend.read_kv(), kv.astype(np.float32))
     slots = np.array([0, 1, 2, 3, 11, 12, 13, 20, 25, 26, 27, 28, 29])  # 4 runs: 4 x 2D copies per (layer, kind)
     backend.keep(slots)
-    assert backend.n == len(slots)
-    np.testing.assert_array_equal(backend.read_kv(len(slots)), kv[:, :, :, slots].astype(np.float32))
-    np.testing.assert_array_equal(backend.read_kv(5), kv[:, :, :, slots[:5]].astype(np.float32))  # a rollback
+    assert backend.n == len(slots) and (backend.keys.positions == slots).all()
+    np.testing.assert_array_equal(backend.read_kv(), kv[:, :, :, slots].astype(np.float32))
+    backend.truncate(5)  # a rollback
+    assert backend.n == 5 and (backend.keys.positions == slots[:5]).all()
+    np.testing.assert_array_equal(backend.read_kv(), kv[:, :, :, slots[:5]].astype(np.float32))
     backend.close()
     cuda.close()
 
@@ -331,45 +333,41 @@ def test_tensorrt_chats_like_onnxruntime(artifact):
     trt, ort = trt_model.backend_factory(200), ort_model.backend_factory(200)
     mask = MaskConfig(window=1, sinks=4)
     rng = np.random.default_rng(0)
-    vocab = manifest["model"]["vocab_size"]
+    vocab = manifest.model.vocab_size
     ids = rng.integers(0, vocab, 70)
     positions, turns = np.arange(70), np.repeat([0, 1, 2], [10, 30, 30])
 
-    def both(i, p, t, start, kp, kt):
-        return [b.forward(i, p, t, start=start, key_positions=kp, key_turns=kt, mask=mask) for b in (trt, ort)]
+    def both(i, p, t):  # each backend keeps its own key table: a forward passes only the new tokens
+        return [b.forward(i, p, t, mask=mask) for b in (trt, ort)]
 
-    got, ref = both(ids, positions, turns, 0, positions, turns)
+    got, ref = both(ids, positions, turns)
     _close(got, ref, "prefill of 70 tokens (3 engine calls)")
     for step in range(6):  # decode, feeding ONNX Runtime's greedy token to both
         n = len(ids)
         ids = np.r_[ids, int(np.argmax(ref))]
-        got, ref = both(ids[-1:], np.array([n]), np.array([2]), n, np.arange(n + 1), np.r_[turns, [2] * (n + 1 - 70)])
+        got, ref = both(ids[-1:], np.array([n]), np.array([2]))
         _close(got, ref, f"decode step {step}")
     n = trt.n
     assert n == ort.n
-    _close(trt.read_kv(n), ort.read_kv(n), "KV cache")
+    _close(trt.read_kv(), ort.read_kv(), "KV cache")
     # a new turn evicts turn 1: keep the sinks, the system segment and turn 2 (two runs)
-    key_pos, key_turns = np.arange(n), np.r_[turns, [2] * (n - len(turns))]
     keep = np.r_[np.arange(10), np.arange(40, n)]
     for b in (trt, ort):
         b.keep(keep)
+    assert (trt.keys.positions == ort.keys.positions).all() and trt.n == len(keep)
     new = rng.integers(0, vocab, 12)
     pos = np.arange(n, n + 12)
-    _close(*both(new, pos, np.full(12, 3), len(keep), np.r_[key_pos[keep], pos], np.r_[key_turns[keep], [3] * 12]),
-           "a new turn after eviction")
+    _close(*both(new, pos, np.full(12, 3)), "a new turn after eviction")
     # a rollback to fewer tokens, then the same chunk again
-    _close(*both(new[:5], pos[:5], np.full(5, 3), len(keep), np.r_[key_pos[keep], pos[:5]],
-                 np.r_[key_turns[keep], [3] * 5]), "after a rollback")
+    for b in (trt, ort):
+        b.truncate(len(keep))
+    _close(*both(new[:5], pos[:5], np.full(5, 3)), "after a rollback")
     # save and restore into a fresh session
-    saved = trt.read_kv(trt.n)
+    saved = trt.read_kv()
     fresh = trt_model.backend_factory(200)
-    fresh.write_kv(saved)
-    m = saved.shape[3]
-    kp, kt = np.r_[key_pos[keep], pos[:5]], np.r_[key_turns[keep], [3] * 5]
+    fresh.write_kv(saved, trt.keys.positions.copy(), trt.keys.turns.copy())
     args = (np.array([7]), np.array([n + 5]), np.array([3]))
-    _close(fresh.forward(*args, start=m, key_positions=np.r_[kp, n + 5], key_turns=np.r_[kt, 3], mask=mask),
-           ort.forward(*args, start=m, key_positions=np.r_[kp, n + 5], key_turns=np.r_[kt, 3], mask=mask),
-           "restored session")
+    _close(fresh.forward(*args, mask=mask), ort.forward(*args, mask=mask), "restored session")
     # and a real dialogue through the session: three turns, the turn window evicting
     session = trt_model.session(max_new_tokens=6, window=1)
     for message in ("你好", "订单已经发货了吗？", "谢谢你的帮助！"):

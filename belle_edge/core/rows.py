@@ -1,9 +1,9 @@
 """Dialogues -> training rows: the runtime's tokenization, the runtime's turn-window mask, loss on replies only.
 Shared by training (SFT, distillation) and evaluation (reply perplexity).
 
-A dialogue is tokenized segment by segment exactly as ``ChatSession`` feeds it (system text in turn 0, then
-per turn k the user text, the reply and the reply's closing text, all in turn k), so training sees the
-token boundaries inference will see. The loss covers the reply tokens and the first token of the close (the
+A dialogue is tokenized segment by segment exactly as ``ChatSession`` feeds it (runtime/dialogue.py:
+system text in turn 0, then per turn k the user text, the reply and the reply's closing text, all in turn
+k), so training sees the token boundaries inference will see. The loss covers the reply tokens and the first token of the close (the
 end-of-turn token the model must learn to emit), nothing the user or the template wrote.
 
 Several dialogues are packed into one row. Inside a dialogue the attention mask is ``mask.visible`` with the
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..mask import MaskConfig, visible
+from ..runtime.dialogue import dialogue_segments, encode
 
 
 OPEN_ROWS = 64
@@ -58,29 +59,19 @@ class Row:
 def encode_dialogue(dialogue, tokenizer, chat_format, *, prompt_for: int | None = None) -> Example:
     """The whole dialogue; with ``prompt_for=k``, the prompt of turn k instead: turns before it with their
     reference replies, then turn k's user text (what a session holds when the model starts replying)."""
-    fmt = chat_format
+    segments = dialogue_segments(chat_format, dialogue.system, [(t.user, t.assistant) for t in dialogue.turns],
+                                 prompt_for=prompt_for)
     ids, turns, loss = [], [], []
-
-    def add(text: str, turn: int, target: bool, specials: bool = False, first_only: bool = False):
-        if not text:
-            return
-        piece = tokenizer.encode(text, add_special_tokens=specials).ids
-        for j, i in enumerate(piece):
-            ids.append(i)
-            turns.append(turn)
-            loss.append(target and (not first_only or j == 0))
-
-    specials = getattr(fmt, "add_special_tokens_first", False)
-    system_text = fmt.system_text(dialogue.system)
-    add(system_text, 0, False, specials)
-    for k, turn in enumerate(dialogue.turns, start=1):
-        user = fmt.first_turn_text(dialogue.system, turn.user) if k == 1 else fmt.turn_text(turn.user)
-        add(user, k, False, specials and not ids)
-        if k == prompt_for:
-            break
-        add(turn.assistant, k, True)
-        add(fmt.reply_end, k, True, first_only=True)  # the model learns to close its reply; the rest is template
-    return Example(np.asarray(ids, np.int64), np.asarray(turns, np.int64), np.asarray(loss, bool))
+    for piece, seg in encode(tokenizer, segments, specials_first=chat_format.add_special_tokens_first):
+        target = np.zeros(len(piece), dtype=bool)
+        if seg.role == "reply":
+            target[:] = True
+        elif seg.role == "close" and len(piece):
+            target[0] = True  # the model learns to close its reply; the rest of the close is template
+        ids.append(piece)
+        turns.append(np.full(len(piece), seg.turn, dtype=np.int64))
+        loss.append(target)
+    return Example(np.concatenate(ids), np.concatenate(turns), np.concatenate(loss))
 
 
 def pack(examples: list[Example], max_len: int) -> tuple[list[Row], int]:

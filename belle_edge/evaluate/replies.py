@@ -1,44 +1,28 @@
 """``belle-edge eval``: how well a model answers held-out dialogues.
 
-For every turn of every held-out dialogue the model replies (greedy, at most ``max_new_tokens``) to the
-user's message, with the earlier turns and their reference replies as context and the runtime's turn
-window as the mask; the replies are scored against the references (BLEU-4, ROUGE-L by character and by
-jieba word, ``generation.py``). Perplexity is teacher-forced on the reference replies' tokens only. With a
-teacher, the fidelity figures of ``fidelity.py`` are added.
+For every turn of every held-out dialogue the model replies to the user's message through the runtime's
+own chat session (runtime/session.py) — the same decode loop, stop tokens and stop strings (BELLE's
+``Human:``), whole-character cuts and turn window as ``belle-edge chat`` — with the earlier turns and
+their reference replies fed in before it (``ChatSession.add_turn``). Greedy, at most ``max_new_tokens``.
+The replies are scored against the references (BLEU-4, ROUGE-L by character and by jieba word,
+``generation.py``). Perplexity is teacher-forced on the reference replies' tokens only. With a teacher,
+the fidelity figures of ``fidelity.py`` are added.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..mask import MaskConfig
 
 
-@torch.no_grad()
-def greedy_reply(model, prompt, mask: MaskConfig, stop_ids, max_new_tokens: int) -> list[int]:
-    """Greedy continuation of an encoded prompt with a KV cache; stops at a stop id (not included)."""
-    ids, turns = prompt.ids, prompt.turns
-    n = len(ids)
-    caches = model.new_caches(n + max_new_tokens + 1)
-    positions = np.arange(n)
-    logits = model(torch.from_numpy(ids)[None], positions, turns, mask, caches=caches, start=0,
-                   key_positions=positions, key_turns=turns, last_only=True)
-    turn = int(turns[-1])
-    k_pos, k_turn = list(positions), list(turns)
-    out = []
-    for step in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        if token in stop_ids:
-            break
-        out.append(token)
-        p = n + step
-        k_pos.append(p)
-        k_turn.append(turn)
-        logits = model(torch.tensor([[token]]), np.array([p]), np.array([turn]), mask, caches=caches, start=p,
-                       key_positions=np.asarray(k_pos), key_turns=np.asarray(k_turn), last_only=True)
-    return out
+def model_reply(chat, dialogue, k: int, *, window: int | None, sinks: int, max_new_tokens: int) -> str:
+    """The model's reply to turn ``k`` of ``dialogue``, after turns 1..k-1 with their reference replies."""
+    session = chat.session(system=dialogue.system, window=window, sinks=sinks, max_new_tokens=max_new_tokens)
+    for turn in dialogue.turns[:k - 1]:
+        session.add_turn(turn.user, turn.assistant)
+    return session.send(dialogue.turns[k - 1].user).text.strip()
 
 
 def reply_perplexity(model, tokenizer, chat_format, dialogues, mask: MaskConfig) -> dict:
@@ -59,22 +43,21 @@ def run_eval(model_path: str | None, data_path: str, *, teacher: str | None = No
              limit: int | None = None, window: int | None = 3, sinks: int = 4, progress: bool = True) -> dict:
     from tqdm import tqdm
 
+    from ..api import torch_chat_model
+    from ..core.dialogues import read_dialogues
     from ..core.load import load_checkpoint
     from ..models.decoder import Decoder
-    from ..core.rows import encode_dialogue
-    from ..core.dialogues import read_dialogues
     from .generation import generation_metrics
 
     ckpt = load_checkpoint(model_path)
     model = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source)
+    chat = torch_chat_model(ckpt, decoder=model)
     dialogues = read_dialogues(data_path)[:limit]
     mask = MaskConfig(window=window, sinks=sinks) if window is not None else MaskConfig.off()
     hyps, refs, samples = [], [], []
     pairs = [(d, k) for d in dialogues for k in range(1, len(d.turns) + 1)]
     for d, k in tqdm(pairs, disable=not progress, desc="eval", unit="reply", leave=False):
-        prompt = encode_dialogue(d, ckpt.tokenizer, ckpt.chat_format, prompt_for=k)
-        reply = ckpt.tokenizer.decode(greedy_reply(model, prompt, mask, ckpt.stop_token_ids, max_new_tokens))
-        reply = reply.rstrip("\ufffd").strip()  # a reply cut at max_new_tokens ends at its last whole character
+        reply = model_reply(chat, d, k, window=window, sinks=sinks, max_new_tokens=max_new_tokens)
         hyps.append(reply)
         refs.append(d.turns[k - 1].assistant)
         if len(samples) < 3:

@@ -7,13 +7,17 @@ One turn, step by step::
             --evict-->    drop cached turns that left the window (mask.retained)
             --shift?-->   if positions would pass the model's limit, re-prefill what is kept at 0..n-1
             --prefill-->  only the new tokens (prefix reuse: the cache already holds the rest)
-            --decode-->   sample, stream whole characters, stop on EOS / stop strings / limits
+            --decode-->   sample, stream whole characters, stop on EOS / stop strings / limits (decode.py)
             --settle-->   roll the cache back to a clean text boundary, remember the unfed tail
 
+The turn's text comes from runtime/dialogue.py, which the training collator uses too. ``add_turn`` feeds
+an exchange whose reply is known (an earlier conversation, a reference reply) without generating.
+
 Consistency: the ledger always says what the cache *should* hold; ``_valid`` says how many of its leading
-slots the backend really holds. A forward call appends to the ledger only after it returned; work that
-rewrites the backend's cache (eviction, a context shift) first drops ``_valid``, so if it is interrupted
-(Ctrl-C, a closed stream) the next call re-prefills the ledger and carries on. A turn that fails before its
+slots the backend really holds (never more than its ``n``). A forward call appends to the ledger only after
+it returned; work that rewrites the backend's cache (eviction, a context shift) first drops ``_valid``, so if
+it is interrupted (Ctrl-C, a closed stream) the next call cuts the backend back to ``_valid`` and
+re-prefills the rest of the ledger. A turn that fails before its
 prompt is in leaves the dialogue as it was; one interrupted while decoding keeps the reply so far.
 """
 from __future__ import annotations
@@ -24,18 +28,17 @@ import os
 import time
 import zipfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from ..errors import ContextFullError, InputError, SessionFileError
 from ..mask import MaskConfig, retained
-from .detokenizer import IncrementalDetokenizer, find_stop, stop_holdback
+from .decode import Decoding
+from .detokenizer import IncrementalDetokenizer
+from .dialogue import Segment, encode, opening_segments
 from .kv_cache import CacheLedger
 from .sampler import Sampler, SamplingConfig
-
-if TYPE_CHECKING:
-    from .model import ChatModel
 
 SESSION_FILE_VERSION = 1
 
@@ -62,7 +65,10 @@ class Reply:
 
 
 class ChatSession:
-    def __init__(self, model: "ChatModel", *, system: str | None = None, mask: MaskConfig | None = None,
+    """``model``: what runtime/model.py's ChatModel provides — tokenizer, chat_format, stop_token_ids,
+    max_positions, fingerprint, default_capacity and backend_factory(capacity)."""
+
+    def __init__(self, model, *, system: str | None = None, mask: MaskConfig | None = None,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
                  max_kv_tokens: int | None = None, stop: tuple[str, ...] = (), prefill_chunk: int = 512):
         if max_new_tokens < 1:
@@ -129,11 +135,7 @@ class ChatSession:
             raise InputError("message is empty")
         turn = self.turn + 1
         close, new = self._tokenize_turn(turn, message)
-        # what the cache will hold once the new turn is in: everything a query of this turn can still see
-        start = self.ledger.next_position
-        positions = np.concatenate([self.ledger.positions, np.arange(start, start + len(close[0]))])
-        turns = np.concatenate([self.ledger.turns, close[1]])
-        kept = int(retained(positions, turns, turn, self.mask).sum()) if self.mask.enabled else len(positions)
+        kept = self._kept_after(turn, close)
         if kept + len(new[0]) + 1 > self._room:
             self._refuse(kept, len(new[0]), self._room)
         self._active = self._run_turn(t0, turn, message, close, new)
@@ -144,6 +146,13 @@ class ChatSession:
     def _room(self) -> int:
         return min(self.ledger.capacity, self.model.max_positions)
 
+    def _kept_after(self, turn: int, close) -> int:
+        """Tokens the cache will hold once the new turn is in: everything a query of ``turn`` can still see."""
+        start = self.ledger.next_position
+        positions = np.concatenate([self.ledger.positions, np.arange(start, start + len(close[0]))])
+        turns = np.concatenate([self.ledger.turns, close[1]])
+        return int(retained(positions, turns, turn, self.mask).sum()) if self.mask.enabled else len(positions)
+
     def _close_active(self) -> None:
         if self._active is not None:
             active, self._active = self._active, None
@@ -151,20 +160,13 @@ class ChatSession:
 
     def _tokenize_turn(self, turn: int, message: str):
         """Two groups of (ids, turns): what closes the previous turn (or the system segment, on the first
-        turn), and the new turn up to the assistant's reply."""
-        fmt = self._fmt
-        if self.turn == 0:
-            system = fmt.system_text(self.system) if not self._opened else ""
-            texts = [(system, 0), (fmt.first_turn_text(self.system, message), turn)]
-        else:
-            texts = [(self._pending, self.turn), (fmt.turn_text(message), turn)]
-        groups = []
-        specials = not self._opened and fmt.add_special_tokens_first
-        for text, t in texts:
-            ids = self.model.tokenizer.encode(text, add_special_tokens=specials).ids if text else []
-            specials = specials and not ids  # the tokenizer's BOS rule applies to the first text only
-            groups.append((np.asarray(ids, dtype=np.int64), np.full(len(ids), t, dtype=np.int64)))
-        return groups
+        turn), and the new turn up to the assistant's reply (runtime/dialogue.py)."""
+        segments = opening_segments(self._fmt, self.system, message, turn, close=self._pending)
+        if turn == 1 and self._opened:  # an interrupted first turn already fed the system segment
+            segments[0] = Segment("", 0, "system")
+        specials = not self._opened and self._fmt.add_special_tokens_first
+        return [(ids, np.full(len(ids), seg.turn, dtype=np.int64))
+                for ids, seg in encode(self.model.tokenizer, segments, specials_first=specials)]
 
     def _refuse(self, kept: int, new: int, room: int):
         if not self.mask.enabled and kept:
@@ -177,9 +179,28 @@ class ChatSession:
 
     # ---------------------------------------------------------------- running
     def _run_turn(self, t0, turn, message, close, new) -> Iterator[str]:
-        epoch = self._epoch
-        t_prefill = time.perf_counter()
-        shifts = self._shifts
+        epoch, shifts, t_prefill = self._epoch, self._shifts, time.perf_counter()
+        evicted, logits = self._open_turn(turn, message, close, new)
+        stats = TurnStats(turn=turn, prompt_tokens=len(close[0]) + len(new[0]), new_tokens=0, ttft_ms=0.0,
+                          prefill_tok_s=0.0, decode_tok_s=0.0, kv_tokens=0, evicted_tokens=evicted,
+                          context_shift=False, finish_reason="interrupted", total_ms=0.0)
+        decoding = Decoding(self.model.tokenizer, self.sampler, stop_token_ids=self.model.stop_token_ids,
+                            stop_strings=self._stops, max_new_tokens=self.max_new_tokens)
+        decode_start = self.ledger.n  # generated tokens are the ledger's slots from here on
+        reply = ""
+        try:
+            yield from decoding.run(logits, lambda token: self._step(token, turn), self._penalty_context)
+        finally:
+            # every exit, Ctrl-C and a closed stream included, leaves a consistent session
+            if epoch == self._epoch:
+                reply = self._settle(decoding.detok, self.ledger.n - decode_start, decoding.stop_at)
+                self.stats.append(self._turn_stats(stats, decoding, t0, t_prefill, shifts))
+        if decoding.emitted < len(reply):
+            yield reply[decoding.emitted:]
+
+    def _open_turn(self, turn, message, close, new) -> tuple[int, np.ndarray]:
+        """Prefill the close of the previous reply and the new turn; the turn is part of the dialogue from
+        here on. Returns (tokens evicted, the logits that start the reply)."""
         # The close of the previous reply belongs to that turn, so it is computed while that turn's window is
         # still in the cache (exactly as a full forward would see it) — when it fits without evicting or
         # shifting; otherwise the old turns go first.
@@ -191,60 +212,47 @@ class ChatSession:
         if not fits:
             self._append_close(close)
         logits = self._append(*new)
-        # the turn is now part of the dialogue
         self.turn = turn
         self.history.append({"user": message, "reply": ""})
-        stats = TurnStats(turn=turn, prompt_tokens=len(close[0]) + len(new[0]), new_tokens=0, ttft_ms=0.0,
-                          prefill_tok_s=0.0, decode_tok_s=0.0, kv_tokens=0, evicted_tokens=evicted,
-                          context_shift=False, finish_reason="interrupted", total_ms=0.0)
-        detok = IncrementalDetokenizer(self.model.tokenizer)
-        decode_start = self.ledger.n  # generated tokens are the ledger's slots from here on
-        emitted = 0
-        stop_at = -1
-        t_first = t_last = None
-        try:
-            while True:
-                context = self.ledger.ids if self.sampling.repetition_penalty != 1.0 else None
-                token = self.sampler(logits, context)
-                t_last = time.perf_counter()
-                if t_first is None:
-                    t_first = t_last
-                    stats.ttft_ms = (t_last - t0) * 1e3
-                    stats.prefill_tok_s = stats.prompt_tokens / max(t_last - t_prefill, 1e-9)
-                if token in self.model.stop_token_ids:
-                    stats.finish_reason = "eos"
-                    break
-                stats.new_tokens += 1
-                detok.push(token)
-                stop_at = find_stop(detok.text, self._stops, emitted)
-                if stop_at >= 0:
-                    stats.finish_reason = "stop"
-                    break
-                show = len(detok.text) - stop_holdback(detok.text, self._stops)
-                if show > emitted:
-                    yield detok.text[emitted:show]
-                    emitted = show
-                if stats.new_tokens >= self.max_new_tokens:
-                    stats.finish_reason = "length"
-                    break
-                if not self._room_for_one():
-                    stats.finish_reason = "context"
-                    break
-                logits = self._append(np.array([token]), np.array([turn]))
-        finally:
-            # every exit, Ctrl-C and a closed stream included, leaves a consistent session
-            reply = ""
-            if epoch == self._epoch:
-                reply = self._settle(detok, self.ledger.n - decode_start, stop_at)
-                stats.kv_tokens = self.ledger.n
-                stats.context_shift = self._shifts > shifts
-                if t_first is not None and t_last > t_first:
-                    sampled = stats.new_tokens + (stats.finish_reason == "eos")
-                    stats.decode_tok_s = (sampled - 1) / (t_last - t_first)
-                stats.total_ms = (time.perf_counter() - t0) * 1e3
-                self.stats.append(stats)
-        if emitted < len(reply):
-            yield reply[emitted:]
+        return evicted, logits
+
+    def _step(self, token: int, turn: int) -> np.ndarray | None:
+        """Feed a generated token; None when the context has no room for it."""
+        if not self._room_for_one():
+            return None
+        return self._append(np.array([token]), np.array([turn]))
+
+    def _penalty_context(self) -> np.ndarray | None:
+        return self.ledger.ids if self.sampling.repetition_penalty != 1.0 else None
+
+    def _turn_stats(self, stats: TurnStats, decoding: Decoding, t0: float, t_prefill: float, shifts: int) -> TurnStats:
+        stats.new_tokens, stats.finish_reason = decoding.new_tokens, decoding.finish_reason
+        if decoding.t_first is not None:
+            stats.ttft_ms = (decoding.t_first - t0) * 1e3
+            stats.prefill_tok_s = stats.prompt_tokens / max(decoding.t_first - t_prefill, 1e-9)
+            stats.decode_tok_s = decoding.decode_tok_s
+        stats.kv_tokens = self.ledger.n
+        stats.context_shift = self._shifts > shifts
+        stats.total_ms = (time.perf_counter() - t0) * 1e3
+        return stats
+
+    def add_turn(self, message: str, reply: str) -> None:
+        """Feed an exchange whose reply is known — an earlier conversation, a reference reply — as if the
+        model had said it: prefilled, not generated, no stats. The reply's close goes in with the next turn,
+        exactly as after a generated reply."""
+        self._close_active()
+        if not isinstance(message, str) or not message.strip():
+            raise InputError("message is empty")
+        turn = self.turn + 1
+        close, new = self._tokenize_turn(turn, message)
+        ((ids, seg),) = encode(self.model.tokenizer, [Segment(reply, turn, "reply")], specials_first=False)
+        kept = self._kept_after(turn, close)
+        if kept + len(new[0]) + len(ids) + 1 > self._room:
+            self._refuse(kept, len(new[0]) + len(ids), self._room)
+        self._open_turn(turn, message, close, new)
+        self._append(ids, np.full(len(ids), turn, dtype=np.int64))
+        self._pending = self._fmt.reply_end
+        self.history[-1]["reply"] = reply
 
     def _append_close(self, close) -> None:
         self._append(*close)
@@ -264,28 +272,28 @@ class ChatSession:
 
     def _prefill(self, ids, positions, turns) -> np.ndarray:
         """Run tokens through the backend in chunks after the slots it holds; the ledger grows per chunk."""
-        assert self._valid == self.ledger.n
+        assert self._valid == self.ledger.n == self.backend.n
         logits = None
         for a in range(0, len(ids), self.prefill_chunk):
             b = min(a + self.prefill_chunk, len(ids))
-            n = self.ledger.n
-            logits = self.backend.forward(ids[a:b], positions[a:b], turns[a:b], start=n,
-                                          key_positions=np.concatenate([self.ledger.positions, positions[a:b]]),
-                                          key_turns=np.concatenate([self.ledger.turns, turns[a:b]]), mask=self.mask)
+            logits = self.backend.forward(ids[a:b], positions[a:b], turns[a:b], mask=self.mask)
             self.ledger.append(ids[a:b], positions[a:b], turns[a:b])
             self._valid = self.ledger.n
         return logits
 
     def _sync(self) -> None:
-        """Re-prefill the ledger's slots the backend does not hold (after an interrupted eviction or context
-        shift), leaving the ledger as it is. Keys it evicted are gone for good: this recomputes, it does
-        not restore."""
+        """Bring the backend to the ledger: cut it back to the slots it really holds (``_valid``: after a
+        rolled-back reply, an interrupted eviction or context shift) and re-prefill the rest, leaving the
+        ledger as it is. Keys it evicted are gone for good: this recomputes, it does not restore."""
+        held = min(self._valid, self.backend.n)
+        if self.backend.n != held:
+            self.backend.truncate(held)
+        self._valid = held
         ids, positions, turns = self.ledger.ids, self.ledger.positions, self.ledger.turns
         while self._valid < self.ledger.n:
             a = self._valid
             b = min(a + self.prefill_chunk, self.ledger.n)
-            self.backend.forward(ids[a:b], positions[a:b], turns[a:b], start=a, key_positions=positions[:b],
-                                 key_turns=turns[:b], mask=self.mask)
+            self.backend.forward(ids[a:b], positions[a:b], turns[a:b], mask=self.mask)
             self._valid = b
 
     def _evict(self, turn: int) -> int:
@@ -294,6 +302,7 @@ class ChatSession:
         keep = self.ledger.keep_slots(turn, self.mask)
         evicted = self.ledger.n - len(keep)
         if evicted:
+            self._sync()  # compact what the backend really holds: the ledger's slots, all of them
             self._valid = 0  # the backend's copy is in flux until both sides are compacted
             self.backend.keep(keep)
             self.ledger.keep(keep)
@@ -344,12 +353,12 @@ class ChatSession:
         }
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), kv=self.backend.read_kv(self.ledger.n),
+            np.savez(f, meta=np.array(json.dumps(meta)), kv=self.backend.read_kv(),
                      **self.ledger.to_arrays())
         os.replace(tmp, path)
 
     @classmethod
-    def restore(cls, model: "ChatModel", path: str) -> "ChatSession":
+    def restore(cls, model, path: str) -> "ChatSession":
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
@@ -365,7 +374,7 @@ class ChatSession:
                           sampling=SamplingConfig(**meta["sampling"]), max_new_tokens=meta["max_new_tokens"],
                           max_kv_tokens=meta["capacity"], stop=tuple(meta["stop"]))
             session.ledger.load_arrays(arrays)
-            session.backend.write_kv(arrays.pop("kv"))
+            session.backend.write_kv(arrays.pop("kv"), session.ledger.positions, session.ledger.turns)
         except (KeyError, TypeError, ValueError, AssertionError) as e:
             raise SessionFileError(f"{path}: damaged session file ({type(e).__name__}: {e})") from None
         session._valid = session.ledger.n

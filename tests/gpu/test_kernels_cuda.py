@@ -152,11 +152,10 @@ def test_fused_backend_with_cuda_graphs_matches_reference_backend(positions, dty
         for size in chunks:
             ids = rng.integers(0, 512, size)
             new_pos, new_turn = list(range(p, p + size)), [turn] * size
-            start = len(kpos)
             kpos += new_pos
             kturn += new_turn
-            outs = [b.forward(ids, np.array(new_pos), np.array(new_turn), start=start, key_positions=np.array(kpos),
-                              key_turns=np.array(kturn), mask=mask) for b in (fused, plain)]
+            outs = [b.forward(ids, np.array(new_pos), np.array(new_turn), mask=mask) for b in (fused, plain)]
+            assert all((b.keys.positions == np.array(kpos)).all() for b in (fused, plain))
             worst = max(worst, float(np.abs(outs[0] - outs[1]).max()))
             scale = max(scale, float(np.abs(outs[1]).max()))
             p += size

@@ -12,6 +12,7 @@ import numpy as np
 
 from ...errors import MissingDependencyError
 from ...mask import WINDOW_OFF, MaskConfig
+from .base import KeyTable, zeroed_host_buffer
 
 
 def import_onnxruntime():
@@ -47,38 +48,50 @@ class OrtBackend:
         self.dtype = np.dtype(kv_dtype)
         size = num_kv_heads * capacity * head_dim
         # (layer, key/value, kv_heads * tokens * head_dim): a (1, kv_heads, n, head_dim) prefix is contiguous
-        self._buffers = [np.zeros((num_layers, 2, size), dtype=self.dtype) for _ in range(2)]
+        self._buffers = [zeroed_host_buffer((num_layers, 2, size), self.dtype) for _ in range(2)]
         self._cur = 0
-        self.n = 0  # tokens in the current buffer
+        self.keys = KeyTable(capacity)
         self._logits = np.zeros((1, 1, vocab_size), dtype=np.float32)
         self._names = [((layer, kind), f"past_key_values.{layer}.{name}", f"present.{layer}.{name}")
                        for layer in range(num_layers) for kind, name in ((0, "key"), (1, "value"))]
+
+    @property
+    def n(self) -> int:
+        return self.keys.n
 
     def _view(self, which: int, layer: int, kind: int, n: int) -> np.ndarray:
         flat = self._buffers[which][layer, kind, :self.kv_heads * n * self.head_dim]
         return flat.reshape(1, self.kv_heads, n, self.head_dim)
 
-    def _truncate(self, n: int) -> None:
-        """The ledger rolled back to ``n`` tokens: repack the first n per head (the layout depends on n)."""
-        if n == self.n:
-            return
+    def _repack(self, slots, m: int) -> None:
+        """Into the other buffer, laid out for ``m`` tokens: ``slots`` of the current one (the layout depends
+        on the token count, so even a cut-back prefix moves)."""
         other = 1 - self._cur
         for layer in range(self.layers):
             for kind in (0, 1):
-                self._view(other, layer, kind, n)[...] = self._view(self._cur, layer, kind, self.n)[:, :, :n]
-        self._cur, self.n = other, n
+                self._view(other, layer, kind, m)[...] = self._view(self._cur, layer, kind, self.n)[:, :, slots]
+        self._cur = other
 
-    def forward(self, token_ids, positions, turns, *, start, key_positions, key_turns, mask: MaskConfig):
-        self._truncate(start)
-        t = len(token_ids)
+    def truncate(self, n: int) -> None:
+        if n != self.n:
+            self._repack(slice(0, n), n)
+            self.keys.truncate(n)
+
+    def keep(self, slots: np.ndarray) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        self._repack(slots, len(slots))
+        self.keys.keep(slots)
+
+    def forward(self, token_ids, positions, turns, *, mask: MaskConfig):
+        start, t = self.n, len(token_ids)
         total = start + t
         io = self.session.io_binding()
         as_row = lambda a: np.ascontiguousarray(np.asarray(a, dtype=np.int64)[None])  # noqa: E731
         io.bind_cpu_input("input_ids", as_row(token_ids))
         io.bind_cpu_input("position_ids", as_row(positions))
         io.bind_cpu_input("turn_ids", as_row(turns))
-        io.bind_cpu_input("past_position_ids", as_row(key_positions[:start]))
-        io.bind_cpu_input("past_turn_ids", as_row(key_turns[:start]))
+        io.bind_cpu_input("past_position_ids", as_row(self.keys.positions))
+        io.bind_cpu_input("past_turn_ids", as_row(self.keys.turns))
         io.bind_cpu_input("mask_window", np.array(WINDOW_OFF if mask.window is None else mask.window, dtype=np.int64))
         io.bind_cpu_input("mask_sinks", np.array(mask.sinks, dtype=np.int64))
         io.bind_cpu_input("num_logits_to_keep", np.array(1, dtype=np.int64))
@@ -91,28 +104,20 @@ class OrtBackend:
             offset = (2 * layer + kind) * stride
             io.bind_input(past_name, "cpu", 0, self.dtype, past_shape, cur.ctypes.data + offset)
             io.bind_output(present_name, "cpu", 0, self.dtype, present_shape, nxt.ctypes.data + offset)
-        cur, nxt = self._cur, 1 - self._cur
         io.bind_output("logits", "cpu", 0, np.float32, list(self._logits.shape), self._logits.ctypes.data)
         self.session.run_with_iobinding(io)
-        self._cur, self.n = nxt, total
+        self._cur = 1 - self._cur  # present (past + new) is in the other buffer now
+        self.keys.append(positions, turns)
         return self._logits[0, -1].copy()
 
-    def keep(self, slots: np.ndarray) -> None:
-        slots = np.asarray(slots, dtype=np.int64)
-        other = 1 - self._cur
-        for layer in range(self.layers):
-            for kind in (0, 1):
-                self._view(other, layer, kind, len(slots))[...] = self._view(self._cur, layer, kind, self.n)[:, :, slots]
-        self._cur, self.n = other, len(slots)
-
-    def read_kv(self, n: int) -> np.ndarray:
-        self._truncate(n)
+    def read_kv(self) -> np.ndarray:
+        n = self.n
         return np.stack([np.stack([self._view(self._cur, layer, kind, n)[0] for kind in (0, 1)])
                          for layer in range(self.layers)]).astype(np.float32)
 
-    def write_kv(self, kv: np.ndarray) -> None:
+    def write_kv(self, kv: np.ndarray, positions: np.ndarray, turns: np.ndarray) -> None:
         n = kv.shape[3]
         for layer in range(self.layers):
             for kind in (0, 1):
                 self._view(self._cur, layer, kind, n)[0] = kv[layer, kind]
-        self.n = n
+        self.keys.load(positions, turns)

@@ -16,6 +16,7 @@ from ...errors import InputError
 from ...mask import WINDOW_OFF, MaskConfig
 from ...models.decoder import Decoder, FusedInputs
 from ...models.positions import rope_inv_freq
+from .base import KeyTable
 
 
 class TorchBackend:
@@ -27,6 +28,7 @@ class TorchBackend:
         self.vocab_size = decoder.cfg.vocab_size
         self.device = decoder.embed.weight.device
         self.caches = decoder.new_caches(capacity)
+        self.keys = KeyTable(capacity)
         self.fused, self.fused_reason = self._want_fused(fused)
         self.cuda_graphs = cuda_graphs and self.fused
         if self.fused:
@@ -76,11 +78,12 @@ class TorchBackend:
         return FusedInputs(op=self._op, start=self._start, q_pos=q_pos, q_turn=q_turn, k_pos=self._k_pos, k_turn=self._k_turn,
                            window=self._window, sinks=self._sinks, inv_freq=self._inv_freq, max_keys=self.capacity)
 
-    def _sync_tables(self, start: int, key_positions, key_turns, mask: MaskConfig) -> None:
-        end = len(key_positions)
-        first = start if self._tables_n >= start else 0  # only the new slots, unless the layout changed
-        self._k_pos[0, first:end].copy_(torch.from_numpy(np.asarray(key_positions[first:end], dtype=np.int64)))
-        self._k_turn[0, first:end].copy_(torch.from_numpy(np.asarray(key_turns[first:end], dtype=np.int64)))
+    def _sync_tables(self, start: int, mask: MaskConfig) -> None:
+        """The device copy of the key table, for slots [0, keys.n): only what changed since the last call."""
+        end = self.keys.n
+        first = min(self._tables_n, start)  # slots before it are unchanged on the device
+        self._k_pos[0, first:end].copy_(torch.from_numpy(self.keys.positions_buf[first:end]))
+        self._k_turn[0, first:end].copy_(torch.from_numpy(self.keys.turns_buf[first:end]))
         self._tables_n = end
         if mask != self._mask_now:
             self._window.fill_(WINDOW_OFF if mask.window is None else mask.window)
@@ -89,14 +92,28 @@ class TorchBackend:
         self._start.fill_(start)
 
     # --------------------------------------------------------------------------------------- forward
+    @property
+    def n(self) -> int:
+        return self.keys.n
+
     @torch.inference_mode()
-    def forward(self, token_ids, positions, turns, *, start, key_positions, key_turns, mask: MaskConfig):
+    def forward(self, token_ids, positions, turns, *, mask: MaskConfig):
+        start = self.keys.n
+        self.keys.append(positions, turns)
+        try:
+            return self._forward(token_ids, positions, turns, start, mask)
+        except BaseException:
+            self.keys.truncate(start)  # the slots were never filled
+            raise
+
+    def _forward(self, token_ids, positions, turns, start: int, mask: MaskConfig) -> np.ndarray:
         if not self.fused:
             ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=self.device)[None]  # (1, T)
             logits = self.decoder(ids, positions, turns, mask, caches=self.caches, start=start,
-                                  key_positions=key_positions, key_turns=key_turns, last_only=True)  # (1, 1, V)
+                                  key_positions=self.keys.positions, key_turns=self.keys.turns,
+                                  last_only=True)  # (1, 1, V)
             return logits[0, -1].float().cpu().numpy()
-        self._sync_tables(start, key_positions, key_turns, mask)
+        self._sync_tables(start, mask)
         if len(token_ids) == 1 and self.cuda_graphs:
             self._ids.fill_(int(token_ids[0]))
             self._q_pos.fill_(int(positions[0]))
@@ -128,24 +145,32 @@ class TorchBackend:
         self._graph = graph
 
     # ------------------------------------------------------------------------------------- the cache
+    def truncate(self, n: int) -> None:
+        self.keys.truncate(n)  # slots past n are simply overwritten by the next forward
+        if self.fused:
+            self._tables_n = min(self._tables_n, n)
+
     @torch.inference_mode()
     def keep(self, slots: np.ndarray) -> None:
-        index = torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)
+        slots = np.asarray(slots, dtype=np.int64)
+        index = torch.as_tensor(slots, device=self.device)
         for cache in self.caches:
             cache.keep(index)
+        self.keys.keep(slots)
         if self.fused:
             self._tables_n = 0  # slots moved: the next call rewrites the whole key table
 
     @torch.inference_mode()
-    def read_kv(self, n: int) -> np.ndarray:
-        # (L, 2, Hkv, n, D), batch 1
+    def read_kv(self) -> np.ndarray:
+        n = self.keys.n  # (L, 2, Hkv, n, D), batch 1
         return torch.stack([torch.stack([c.k[0, :, :n], c.v[0, :, :n]]) for c in self.caches]).float().cpu().numpy()
 
     @torch.inference_mode()
-    def write_kv(self, kv: np.ndarray) -> None:
+    def write_kv(self, kv: np.ndarray, positions: np.ndarray, turns: np.ndarray) -> None:
         n = kv.shape[3]
         for cache, layer in zip(self.caches, kv):
             cache.k[0, :, :n] = torch.from_numpy(layer[0]).to(cache.k)
             cache.v[0, :, :n] = torch.from_numpy(layer[1]).to(cache.v)
+        self.keys.load(positions, turns)
         if self.fused:
             self._tables_n = 0

@@ -29,6 +29,7 @@ from ...errors import BelleEdgeError, ContextFullError, InputError, MissingDepen
 from ...manifest import Engine, Manifest, Plugin
 from ...mask import WINDOW_OFF, MaskConfig
 from ...paths import kernels_build_dir
+from .base import KeyTable
 from .cuda_device import open_device
 
 PLUGIN_ENV = "BELLE_EDGE_PLUGIN"
@@ -352,24 +353,27 @@ class TrtBackend:
         for _ in range(2):  # one by one: close() frees what exists if the second allocation fails
             self._buffers.append(self.cuda.malloc(2 * self.layers * self.slot))
         self._cur = 0
-        self.n = 0  # tokens in the current buffer
+        self.keys = KeyTable(capacity)  # positions and turns of the tokens in the current buffer
 
-    def forward(self, token_ids, positions, turns, *, start, key_positions, key_turns, mask: MaskConfig):
-        if start + len(token_ids) > self.capacity:  # TensorRT would write present past the buffer's end
-            raise ContextFullError(f"{start} + {len(token_ids)} tokens: the KV cache holds {self.capacity}")
+    @property
+    def n(self) -> int:
+        return self.keys.n
+
+    def forward(self, token_ids, positions, turns, *, mask: MaskConfig):
+        if self.n + len(token_ids) > self.capacity:  # TensorRT would write present past the buffer's end
+            raise ContextFullError(f"{self.n} + {len(token_ids)} tokens: the KV cache holds {self.capacity}")
         with self.engine.lock:
-            self._truncate(start)
             window = WINDOW_OFF if mask.window is None else mask.window
             logits = None
             for a in range(0, len(token_ids), self.engine.max_new):  # the profiles' longest chunk
                 b = min(a + self.engine.max_new, len(token_ids))
-                past = start + a
                 values = {"input_ids": token_ids[a:b], "position_ids": positions[a:b], "turn_ids": turns[a:b],
-                          "past_position_ids": key_positions[:past], "past_turn_ids": key_turns[:past],
+                          "past_position_ids": self.keys.positions, "past_turn_ids": self.keys.turns,
                           "mask_window": window, "mask_sinks": mask.sinks, "num_logits_to_keep": 1}
                 cur, nxt = self._buffers[self._cur], self._buffers[1 - self._cur]
                 logits = self.engine.run(cur, nxt, self.slot, values)
-                self._cur, self.n = 1 - self._cur, past + (b - a)
+                self._cur = 1 - self._cur
+                self.keys.append(positions[a:b], turns[a:b])
             return logits
 
     def _compact(self, runs: list[tuple[int, int, int]], m: int) -> None:
@@ -381,13 +385,15 @@ class TrtBackend:
                 self.cuda.copy2d(dst + lk * self.slot + b * self._row, m * self._row,
                                  src + lk * self.slot + a * self._row, self.n * self._row,
                                  length * self._row, self.kv_heads, self.engine.stream)
-        self._cur, self.n = 1 - self._cur, m
+        self._cur = 1 - self._cur
 
-    def _truncate(self, n: int) -> None:
-        """The ledger rolled back to ``n`` tokens: repack the first n per head (the layout depends on n)."""
+    def truncate(self, n: int) -> None:
+        """Forget slots [n, ...): repack the first n per head (the layout depends on the token count)."""
         if n != self.n:
             assert n < self.n, (n, self.n)
-            self._compact([(0, 0, n)], n)
+            with self.engine.lock:
+                self._compact([(0, 0, n)], n)
+            self.keys.truncate(n)
 
     def keep(self, slots: np.ndarray) -> None:
         slots = np.asarray(slots, dtype=np.int64)
@@ -396,10 +402,11 @@ class TrtBackend:
         ends = np.concatenate([breaks, [len(slots)]]).astype(np.int64)
         with self.engine.lock:
             self._compact([(int(slots[s]), int(s), int(e - s)) for s, e in zip(starts, ends) if e > s], len(slots))
+        self.keys.keep(slots)
 
-    def read_kv(self, n: int) -> np.ndarray:
+    def read_kv(self) -> np.ndarray:
+        n = self.n
         with self.engine.lock:
-            self._truncate(n)
             out = np.empty((self.layers, 2, self.kv_heads, n, self.head_dim), dtype=self.dtype)
             for layer in range(self.layers):
                 for kind in (0, 1):
@@ -408,7 +415,7 @@ class TrtBackend:
             self.cuda.sync(self.engine.stream)
         return out.astype(np.float32)
 
-    def write_kv(self, kv: np.ndarray) -> None:
+    def write_kv(self, kv: np.ndarray, positions: np.ndarray, turns: np.ndarray) -> None:
         n = kv.shape[3]
         if n > self.capacity:
             raise InputError(f"the saved session holds {n} KV tokens, this one has room for {self.capacity}")
@@ -419,7 +426,7 @@ class TrtBackend:
                     self.cuda.htod(self._buffers[self._cur] + (2 * layer + kind) * self.slot, host[layer, kind],
                                    self.engine.stream)
             self.cuda.sync(self.engine.stream)  # ``host`` is pageable and goes away with this call
-            self.n = n
+        self.keys.load(positions, turns)
 
     def close(self) -> None:
         if self._buffers and self.engine.cuda is not None:
