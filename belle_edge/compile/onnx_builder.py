@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+OPSET = 23  # the ONNX opset of every graph we write (Attention, RMSNormalization: 23)
 DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 

@@ -34,9 +34,38 @@ def check_plugin_shapes(cfg, *, where: str) -> None:
 
 
 def make_creator(trt):
-    """A plugin creator class bound to this TensorRT module (``tensorrt`` or ``tensorrt_rtx``)."""
-    field_type = {"int": trt.PluginFieldType.INT32, "float": trt.PluginFieldType.FLOAT32}
-    field_dtype = {"int": np.int32, "float": np.float32}
+    """A plugin creator bound to this TensorRT module (``tensorrt`` or ``tensorrt_rtx``). The classes are
+    made here, not at import, because their base classes are the TensorRT module's, known only at build."""
+    plugin_class = _plugin_class(trt)
+    field_type, field_dtype = _field_types(trt)
+
+    class DynamicMaskAttentionCreator(trt.IPluginCreatorV3One):
+        def __init__(self):
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name, self.plugin_namespace, self.plugin_version = NAME, NAMESPACE, VERSION
+            self.field_names = trt.PluginFieldCollection(
+                [trt.PluginField(name, np.array([], dtype=field_dtype[kind]), field_type[kind])
+                 for name, kind in FIELDS])
+
+        def create_plugin(self, name, fields, phase):
+            values = {f.name: np.asarray(f.data).reshape(-1)[0].item() for f in fields}
+            missing = [n for n, _ in FIELDS if n not in values]
+            if missing:
+                raise ValueError(f"{NAMESPACE}::{NAME}: fields missing: {missing}")
+            return plugin_class(values)
+
+    return DynamicMaskAttentionCreator()
+
+
+def _field_types(trt):
+    return ({"int": trt.PluginFieldType.INT32, "float": trt.PluginFieldType.FLOAT32},
+            {"int": np.int32, "float": np.float32})
+
+
+def _plugin_class(trt):
+    """The build-time IPluginV3: answers the builder's questions (shapes, types, formats, workspace, fields).
+    Long only because it is a class body of nine short methods, made here for the same reason as the creator."""
+    field_type, field_dtype = _field_types(trt)
     float_types = (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16)
 
     class DynamicMaskAttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
@@ -100,22 +129,7 @@ def make_creator(trt):
         def clone(self):
             return DynamicMaskAttentionPlugin(self.fields)
 
-    class DynamicMaskAttentionCreator(trt.IPluginCreatorV3One):
-        def __init__(self):
-            trt.IPluginCreatorV3One.__init__(self)
-            self.name, self.plugin_namespace, self.plugin_version = NAME, NAMESPACE, VERSION
-            self.field_names = trt.PluginFieldCollection(
-                [trt.PluginField(name, np.array([], dtype=field_dtype[kind]), field_type[kind])
-                 for name, kind in FIELDS])
-
-        def create_plugin(self, name, fields, phase):
-            values = {f.name: np.asarray(f.data).reshape(-1)[0].item() for f in fields}
-            missing = [n for n, _ in FIELDS if n not in values]
-            if missing:
-                raise ValueError(f"{NAMESPACE}::{NAME}: fields missing: {missing}")
-            return DynamicMaskAttentionPlugin(values)
-
-    return DynamicMaskAttentionCreator()
+    return DynamicMaskAttentionPlugin
 
 
 def register(trt):

@@ -19,6 +19,7 @@ from ..errors import CheckpointError
 from .checkpoint import Checkpoint
 
 QUANTIZED_RECORD = "quantization.json"  # marks a folder written by the quantize stage
+PRUNING_RECORD = "pruning.json"  # what the prune stage writes beside a pruned checkpoint (compile/prune/stage.py)
 
 
 def load_checkpoint(model: str | None = None, *, allow_pickle: bool = False, chat_format: str = "auto",
@@ -71,3 +72,37 @@ def _only_gguf(folder: str) -> str:
         raise CheckpointError(f"{folder}: not a model directory: expected config.json or one .gguf file, "
                               f"found {len(ggufs)} .gguf files and no config.json")
     return ggufs[0]
+
+
+def pruning_record(path: str) -> dict | None:
+    """A pruned checkpoint's ``pruning.json`` (None for a checkpoint that has none)."""
+    import json
+
+    record = os.path.join(path, PRUNING_RECORD)
+    if not os.path.isfile(record):
+        return None
+    try:
+        with open(record, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{record}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{record}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def teacher_of(student: str) -> str:
+    """The unpruned model a pruned checkpoint names in its ``pruning.json``: "default" or a path (what
+    eval-fidelity compares with and distillation learns from)."""
+    record = pruning_record(student)
+    if record is None:
+        raise CheckpointError(f"{student}: no {PRUNING_RECORD} naming its teacher; pass --teacher")
+    teacher = (record.get("teacher") or {}).get("path")
+    if not isinstance(teacher, str):
+        raise CheckpointError(f"{os.path.join(student, PRUNING_RECORD)}: field teacher.path is missing; pass --teacher")
+    return teacher
+
+
+def load_named(name: str) -> Checkpoint:
+    """A checkpoint as a record names it: "default" is the default model."""
+    return load_checkpoint(None if name == "default" else name)

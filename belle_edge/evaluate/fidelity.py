@@ -2,7 +2,6 @@
 disk, with the teacher a pruned checkpoint names in its ``pruning.json``, and the table it prints."""
 from __future__ import annotations
 
-from ..errors import CheckpointError
 from ..core.fidelity import measure
 
 
@@ -10,22 +9,12 @@ def eval_fidelity(student_path: str, teacher_path: str | None = None, *, tokens:
                   texts: dict[str, str] | None = None) -> dict:
     """The ``belle-edge eval-fidelity`` measure: checkpoints on disk; the teacher defaults to the one named
     in the student's ``pruning.json``."""
-    import json
-    import os
-
-    from ..core.load import load_checkpoint
+    from ..core.load import load_checkpoint, load_named, teacher_of
     from ..models.decoder import Decoder
 
-    if teacher_path is None:
-        record = os.path.join(student_path, "pruning.json")
-        if not os.path.isfile(record):
-            raise CheckpointError(f"{student_path}: no pruning.json naming its teacher; pass --teacher")
-        with open(record, encoding="utf-8") as f:
-            teacher_path = json.load(f).get("teacher", {}).get("path")
-        if teacher_path is None:
-            raise CheckpointError(f"{record}: field teacher.path is missing; pass --teacher")
+    teacher_path = teacher_path or teacher_of(student_path)
     student_ckpt = load_checkpoint(student_path)
-    teacher_ckpt = load_checkpoint(None if teacher_path == "default" else teacher_path)
+    teacher_ckpt = load_named(teacher_path)
     teacher = Decoder.from_state_dict(teacher_ckpt.config, teacher_ckpt.state_dict, where=teacher_ckpt.source)
     student = Decoder.from_state_dict(student_ckpt.config, student_ckpt.state_dict, where=student_ckpt.source)
     result = measure(teacher, teacher_ckpt.tokenizer, student, student_ckpt.tokenizer, texts=texts, tokens=tokens,

@@ -322,69 +322,86 @@ class _NearDuplicates:
 # ------------------------------------------------------------------------------------------------ cleaning
 def clean_dialogues(dialogues: list[Dialogue], config: CleanConfig = CleanConfig(), *,
                     tokenizer=None) -> tuple[list[Dialogue], dict]:
-    """The cleaned dialogues (input order) and the report (module docstring)."""
+    """The cleaned dialogues (input order) and the report (module docstring). Rules run in the order of
+    RULES: text first (normalise, whitespace, PII), then what is dropped (turns, then dialogues)."""
+    c = _Cleaning(dialogues)
     length = _Length(tokenizer)
-    rules = {name: {"dropped_dialogues": 0, "dropped_turns": 0, "modified": 0} for name in RULES}
-    examples: dict[str, list[str]] = {name: [] for name in DROP_RULES}
-    work = list(dialogues)
-    turns_in = sum(len(d.turns) for d in work)
+    c.modify("normalize", normalize_text)
+    c.modify("whitespace", clean_whitespace)
+    masked = {"email": 0, "id": 0, "phone": 0}
+    c.rules["pii_masked"]["enabled"] = config.mask_pii
+    if config.mask_pii:
+        c.modify("pii_masked", lambda text: mask_pii(text, masked))
+    c.rules["pii_masked"]["masked"] = masked
 
-    def modify(name: str, fn: Callable[[str], str]) -> None:
-        nonlocal work
+    c.drop_turns("one_sided_turns", lambda t: not t.user or not t.assistant)
+    c.drop_turns("too_short", lambda t: min(length(t.user), length(t.assistant)) < config.min_tokens)
+    c.drop_dialogues("empty_dialogues", lambda d: not d.turns)
+    c.drop_dialogues("too_long", lambda d: (length(d.system) if d.system else 0)
+                     + sum(length(t.user) + length(t.assistant) for t in d.turns) > config.max_tokens)
+    _language_rule(c, config)
+    _duplicate_rules(c, config)
+    report = {
+        "input": len(dialogues), "output": len(c.work),
+        "turns_in": c.turns_in, "turns_out": sum(len(d.turns) for d in c.work),
+        "length_unit": "characters" if tokenizer is None else "tokens",
+        "config": {**dataclasses.asdict(config), "languages": list(config.languages)},
+        "rules": c.rules, "examples": c.examples,
+    }
+    return c.work, report
+
+
+class _Cleaning:
+    """The dialogues as the rules leave them, and what each rule did (counts and a few examples)."""
+
+    def __init__(self, dialogues: list[Dialogue]):
+        self.work = list(dialogues)
+        self.turns_in = sum(len(d.turns) for d in self.work)
+        self.rules = {name: {"dropped_dialogues": 0, "dropped_turns": 0, "modified": 0} for name in RULES}
+        self.examples: dict[str, list[str]] = {name: [] for name in DROP_RULES}
+
+    def modify(self, name: str, fn: Callable[[str], str]) -> None:
         out = []
-        for d in work:
+        for d in self.work:
             new = _map_text(d, fn)
             if new != d:
-                rules[name]["modified"] += 1
+                self.rules[name]["modified"] += 1
             out.append(new)
-        work = out
+        self.work = out
 
-    def note(name: str, turn: Turn | None) -> None:
-        if len(examples[name]) < EXAMPLES:
-            examples[name].append(_example(turn))
+    def note(self, name: str, turn: Turn | None) -> None:
+        if len(self.examples[name]) < EXAMPLES:
+            self.examples[name].append(_example(turn))
 
-    def drop_turns(name: str, bad: Callable[[Turn], bool]) -> None:
-        nonlocal work
+    def drop_turns(self, name: str, bad: Callable[[Turn], bool]) -> None:
         out = []
-        for d in work:
+        for d in self.work:
             kept = []
             for t in d.turns:
                 if bad(t):
-                    rules[name]["dropped_turns"] += 1
-                    note(name, t)
+                    self.rules[name]["dropped_turns"] += 1
+                    self.note(name, t)
                 else:
                     kept.append(t)
             out.append(d if len(kept) == len(d.turns) else dataclasses.replace(d, turns=tuple(kept)))
-        work = out
+        self.work = out
 
-    def drop_dialogues(name: str, bad: Callable[[Dialogue], bool]) -> None:
-        nonlocal work
+    def drop_dialogues(self, name: str, bad: Callable[[Dialogue], bool]) -> None:
         out = []
-        for d in work:  # in order: ``bad`` may remember what was kept (duplicates)
+        for d in self.work:  # in order: ``bad`` may remember what was kept (duplicates)
             if bad(d):
-                rules[name]["dropped_dialogues"] += 1
-                rules[name]["dropped_turns"] += len(d.turns)
-                note(name, d.turns[0] if d.turns else None)
+                self.rules[name]["dropped_dialogues"] += 1
+                self.rules[name]["dropped_turns"] += len(d.turns)
+                self.note(name, d.turns[0] if d.turns else None)
             else:
                 out.append(d)
-        work = out
+        self.work = out
 
-    modify("normalize", normalize_text)
-    modify("whitespace", clean_whitespace)
-    masked = {"email": 0, "id": 0, "phone": 0}
-    rules["pii_masked"]["enabled"] = config.mask_pii
-    if config.mask_pii:
-        modify("pii_masked", lambda text: mask_pii(text, masked))
-    rules["pii_masked"]["masked"] = masked
 
-    drop_turns("one_sided_turns", lambda t: not t.user or not t.assistant)
-    drop_turns("too_short", lambda t: min(length(t.user), length(t.assistant)) < config.min_tokens)
-    drop_dialogues("empty_dialogues", lambda d: not d.turns)
-    drop_dialogues("too_long", lambda d: (length(d.system) if d.system else 0)
-                   + sum(length(t.user) + length(t.assistant) for t in d.turns) > config.max_tokens)
-
+def _language_rule(c: _Cleaning, config: CleanConfig) -> None:
+    """Keep dialogues in the configured languages, judged on the replies (else on all the text)."""
     detected = {"zh": 0, "en": 0, "other": 0, "none": 0}
-    rules["language"]["enabled"] = bool(config.languages)
+    c.rules["language"]["enabled"] = bool(config.languages)
 
     def wrong_language(d: Dialogue) -> bool:
         lang = detect_language("\n".join(t.assistant for t in d.turns))
@@ -394,9 +411,12 @@ def clean_dialogues(dialogues: list[Dialogue], config: CleanConfig = CleanConfig
         return lang is not None and lang not in config.languages
 
     if config.languages:
-        drop_dialogues("language", wrong_language)
-    rules["language"]["detected"] = detected
+        c.drop_dialogues("language", wrong_language)
+    c.rules["language"]["detected"] = detected
 
+
+def _duplicate_rules(c: _Cleaning, config: CleanConfig) -> None:
+    """Exact duplicates (same content key), then near duplicates (MinHash over the kept ones)."""
     seen_exact: set[bytes] = set()
 
     def exact_duplicate(d: Dialogue) -> bool:
@@ -406,19 +426,10 @@ def clean_dialogues(dialogues: list[Dialogue], config: CleanConfig = CleanConfig
         seen_exact.add(digest)
         return False
 
-    drop_dialogues("exact_duplicates", exact_duplicate)
-    if work:
+    c.drop_dialogues("exact_duplicates", exact_duplicate)
+    if c.work:
         near = _NearDuplicates(config.near_duplicate_threshold)
-        drop_dialogues("near_duplicates", lambda d: near.seen(_content_key(d)))
-
-    report = {
-        "input": len(dialogues), "output": len(work),
-        "turns_in": turns_in, "turns_out": sum(len(d.turns) for d in work),
-        "length_unit": "characters" if tokenizer is None else "tokens",
-        "config": {**dataclasses.asdict(config), "languages": list(config.languages)},
-        "rules": rules, "examples": examples,
-    }
-    return work, report
+        c.drop_dialogues("near_duplicates", lambda d: near.seen(_content_key(d)))
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -70,47 +70,18 @@ def text_rows(tokenizer, texts: list[str], max_len: int) -> list[Row]:
 
 def run_distill(student_path: str, teacher_path: str | None, out: str, config: TrainConfig, *,
                 data: list[str] | None = None, resume: bool = False, progress: bool = True, log=print) -> dict:
-    from ..core.load import load_checkpoint
-    from ..core.save import save_checkpoint
     from ..core.fidelity import token_map
+    from ..core.load import PRUNING_RECORD, load_checkpoint, load_named, pruning_record, teacher_of
+    from ..core.save import save_checkpoint
     from ..models.decoder import Decoder
-    from ..core.texts import calibration_texts
-    from ..core.dialogues import read_dialogues
 
-    pruning = None
-    record_path = os.path.join(student_path, "pruning.json")
-    if os.path.isfile(record_path):
-        with open(record_path, encoding="utf-8") as f:
-            pruning = json.load(f)
-    if teacher_path is None:
-        teacher_path = (pruning or {}).get("teacher", {}).get("path")
-        if teacher_path is None:
-            raise InputError(f"{student_path}: no pruning.json naming its teacher; pass --teacher")
+    teacher_path = teacher_path or teacher_of(student_path)
     if os.path.exists(os.path.join(out, RECORD)) and not resume:
         raise InputError(f"{out}: already holds a finished run; choose another --out (or --resume an interrupted one)")
     t0 = time.perf_counter()
-    student_ckpt = load_checkpoint(student_path)
-    teacher_ckpt = load_checkpoint(None if teacher_path == "default" else teacher_path)
+    student_ckpt, teacher_ckpt = load_checkpoint(student_path), load_named(teacher_path)
     to_teacher = token_map(student_ckpt.tokenizer, teacher_ckpt.tokenizer, where=student_path)
-    mask = mask_of(config)
-    if data:
-        rows, texts, dialogues = [], [], []
-        for path in data:
-            if path.endswith(".jsonl"):
-                dialogues += read_dialogues(path)
-            else:
-                try:
-                    with open(path, encoding="utf-8") as f:
-                        texts.append(f.read())
-                except (OSError, UnicodeDecodeError) as e:
-                    raise InputError(f"--data {path}: cannot read as UTF-8 text ({e})") from None
-        examples = [encode_dialogue(d, student_ckpt.tokenizer, student_ckpt.chat_format) for d in dialogues]
-        rows = pack(examples, config.max_len)[0] + text_rows(student_ckpt.tokenizer, texts, config.max_len)
-        data_name = [os.path.abspath(p) for p in data]
-    else:
-        rows = text_rows(student_ckpt.tokenizer, calibration_texts(), config.max_len)
-        data_name = "calibration text (pydoc_data.topics even topics + zh_calibration.txt)"
-    rows = sample_rows(rows, config)
+    rows, data_name = distill_rows(student_ckpt, data, config)
     teacher = Decoder.from_state_dict(teacher_ckpt.config, teacher_ckpt.state_dict).requires_grad_(False)
     student = Decoder.from_state_dict(student_ckpt.config, student_ckpt.state_dict)
     seed_everything(config.seed)
@@ -119,7 +90,7 @@ def run_distill(student_path: str, teacher_path: str | None, out: str, config: T
     log(f"distilling {student_path} from {teacher_path}: {'LoRA' if config.lora_rank else 'full-parameter'}, "
         f"{share['trainable']:,} trainable of {share['total']:,}; {len(rows)} rows, "
         f"{sum(ReplyLoss.count(r) for r in rows):,} target tokens")
-    loss = DistillLoss(teacher, to_teacher, mask, temperature=config.temperature, lm_weight=config.lm_weight)
+    loss = DistillLoss(teacher, to_teacher, mask_of(config), temperature=config.temperature, lm_weight=config.lm_weight)
     result = train(model, rows, loss, config, out, resume=resume, progress=progress, log=log)
     if config.lora_rank:
         model = model.merge_and_unload()
@@ -128,8 +99,33 @@ def run_distill(student_path: str, teacher_path: str | None, out: str, config: T
               "teacher": {"path": teacher_path, "source": teacher_ckpt.source}, "data": data_name,
               "config": config.to_dict(), "parameters": share, "seconds": round(time.perf_counter() - t0, 1), **result}
     records = {RECORD: record}
+    pruning = pruning_record(student_path)
     if pruning is not None:
-        records["pruning.json"] = pruning  # eval-fidelity still finds the teacher
+        records[PRUNING_RECORD] = pruning  # eval-fidelity still finds the teacher
     save_checkpoint(student_ckpt, os.path.join(out, "model"), records=records, force=True)
     write_text_atomic(os.path.join(out, RECORD), [json.dumps(record, indent=1, ensure_ascii=False)])
     return record
+
+
+def distill_rows(student_ckpt, data: list[str] | None, config: TrainConfig) -> tuple[list[Row], object]:
+    """Rows to distill on, in the student's tokens: text files and BELLE .jsonl dialogues, or the calibration
+    text pruning used; and how the record names them."""
+    from ..core.dialogues import read_dialogues
+    from ..core.texts import calibration_texts
+
+    if not data:
+        rows = text_rows(student_ckpt.tokenizer, calibration_texts(), config.max_len)
+        return sample_rows(rows, config), "calibration text (pydoc_data.topics even topics + zh_calibration.txt)"
+    texts, dialogues = [], []
+    for path in data:
+        if path.endswith(".jsonl"):
+            dialogues += read_dialogues(path)
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--data {path}: cannot read as UTF-8 text ({e})") from None
+    examples = [encode_dialogue(d, student_ckpt.tokenizer, student_ckpt.chat_format) for d in dialogues]
+    rows = pack(examples, config.max_len)[0] + text_rows(student_ckpt.tokenizer, texts, config.max_len)
+    return sample_rows(rows, config), [os.path.abspath(p) for p in data]

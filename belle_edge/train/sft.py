@@ -103,7 +103,7 @@ def run_merge(run: str, out: str, *, base: str | None = None, force: bool = Fals
     """Fold the run's LoRA adapter into its base model and write a checkpoint ``compile`` takes."""
     from peft import PeftModel
 
-    from ..core.load import load_checkpoint
+    from ..core.load import PRUNING_RECORD, load_named, pruning_record
     from ..core.save import save_checkpoint
     from ..models.decoder import Decoder
 
@@ -119,13 +119,12 @@ def run_merge(run: str, out: str, *, base: str | None = None, force: bool = Fals
         base = record.get("base", {}).get("path")
         if base is None:
             raise InputError(f"{record_path}: no base model recorded; pass --base")
-    ckpt = load_checkpoint(None if base == "default" else base)
+    ckpt = load_named(base)
     model = PeftModel.from_pretrained(Decoder.from_state_dict(ckpt.config, ckpt.state_dict), adapter)
     merged = model.merge_and_unload()
     ckpt = ckpt.replace(state_dict={k: v.detach().clone() for k, v in merged.state_dict().items()})
     records = {RECORD: {**record, "merged_from": os.path.abspath(run)}}
-    pruning = os.path.join(base, "pruning.json") if base != "default" and os.path.isdir(base) else None
-    if pruning and os.path.isfile(pruning):  # a fine-tuned pruned model keeps its pruning record
-        with open(pruning, encoding="utf-8") as f:
-            records["pruning.json"] = json.load(f)
+    pruning = pruning_record(base) if base != "default" and os.path.isdir(base) else None
+    if pruning is not None:  # a fine-tuned pruned model keeps its pruning record
+        records[PRUNING_RECORD] = pruning
     return save_checkpoint(ckpt, out, records=records, force=force)

@@ -50,74 +50,89 @@ class Stats:
 
 @torch.no_grad()
 def collect_stats(model, chunks: list[np.ndarray], *, seq: int = 512) -> Stats:
-    cfg = model.cfg
-    n_layers, heads, d = cfg.num_layers, cfg.num_heads, cfg.head_dim
-    acc = {"bi": torch.zeros(n_layers, dtype=torch.float64),
-           "hidden": torch.zeros(cfg.hidden_size, dtype=torch.float64),
-           "mlp": [0.0] * n_layers, "heads": [0.0] * n_layers, "v": [0.0] * n_layers,
-           "q2": [0.0] * n_layers, "k2": [0.0] * n_layers}
-    hooks = []
-
-    def on_norm(_m, _args, out):
-        acc["hidden"] += out.abs().double().sum(dim=(0, 1))
-
-    def on_block(i):
-        def hook(_m, args, out):
-            x = args[0]
-            cos = torch.nn.functional.cosine_similarity(x.double(), out.double(), dim=-1)
-            acc["bi"][i] += (1 - cos).sum()
-        return hook
-
-    def on_down(i, weight):
-        col_norm = weight.double().norm(dim=0)  # (F,)
-
-        def hook(_m, args):
-            acc["mlp"][i] = acc["mlp"][i] + args[0].abs().double().sum(dim=(0, 1)) * col_norm
-        return hook
-
-    def on_o(i, weight):
-        w = weight.double().view(cfg.hidden_size, heads, d)  # (C, H, D)
-        col_norm = weight.double().norm(dim=0)  # (H*D,)
-
-        def hook(_m, args):
-            a = args[0].double()  # (B, T, H*D)
-            acc["v"][i] = acc["v"][i] + a.abs().sum(dim=(0, 1)) * col_norm
-            contrib = torch.einsum("bthd,chd->bthc", a.view(*a.shape[:2], heads, d), w)
-            acc["heads"][i] = acc["heads"][i] + contrib.norm(dim=-1).sum(dim=(0, 1))
-        return hook
-
-    def on_sq(i, key):
-        def hook(_m, _args, out):
-            acc[key][i] = acc[key][i] + out.double().pow(2).sum(dim=(0, 1))
-        return hook
-
-    for i, layer in enumerate(model.layers):
-        hooks += [layer.register_forward_hook(on_block(i)),
-                  layer.attn_norm.register_forward_hook(on_norm), layer.mlp_norm.register_forward_hook(on_norm),
-                  layer.mlp.down_proj.register_forward_pre_hook(on_down(i, layer.mlp.down_proj.weight)),
-                  layer.attn.o_proj.register_forward_pre_hook(on_o(i, layer.attn.o_proj.weight))]
-        if cfg.num_kv_heads == cfg.num_heads:
-            hooks += [layer.attn.q_proj.register_forward_hook(on_sq(i, "q2")),
-                      layer.attn.k_proj.register_forward_hook(on_sq(i, "k2"))]
-    hooks.append(model.norm.register_forward_hook(on_norm))
+    """One teacher-forced pass over the calibration chunks with the measuring hooks on (see module docstring)."""
+    sums = _Sums(model)
+    handles = sums.attach(model)
     tokens = 0
-    total = sum(len(c) for c in chunks)
     try:
         from tqdm import tqdm
 
-        with tqdm(total=total, unit="tok", desc="calibration", leave=False, file=sys.stderr) as bar:
+        with tqdm(total=sum(len(c) for c in chunks), unit="tok", desc="calibration", leave=False,
+                  file=sys.stderr) as bar:
             for ids, _logits in forward_chunks(model, chunks, seq=seq):  # a 7B model takes minutes here
                 tokens += len(ids)
                 bar.update(len(ids))
     finally:
-        for h in hooks:
+        for h in handles:
             h.remove()
+    return sums.stats(tokens)
 
-    def mean(x):
-        return (x / tokens).float() if isinstance(x, torch.Tensor) else torch.zeros(0)
 
-    qk = [((acc["q2"][i] / tokens) * (acc["k2"][i] / tokens)).sqrt().float()
-          if isinstance(acc["q2"][i], torch.Tensor) else torch.zeros(0) for i in range(n_layers)]
-    return Stats(tokens=tokens, block_influence=[float(b / tokens) for b in acc["bi"]],
-                 hidden=mean(acc["hidden"]), mlp=[mean(x) for x in acc["mlp"]],
-                 q_heads=[mean(x) for x in acc["heads"]], v_dims=[mean(x) for x in acc["v"]], qk_dims=qk)
+class _Sums:
+    """Running sums over all calibration tokens, filled by forward hooks on the canonical decoder."""
+
+    def __init__(self, model):
+        cfg = self.cfg = model.cfg
+        n = cfg.num_layers
+        self.bi = torch.zeros(n, dtype=torch.float64)
+        self.hidden = torch.zeros(cfg.hidden_size, dtype=torch.float64)
+        self.mlp, self.heads, self.v, self.q2, self.k2 = ([0.0] * n for _ in range(5))
+
+    def attach(self, model) -> list:
+        """Register the hooks; returns their handles."""
+        handles = []
+        for i, layer in enumerate(model.layers):
+            handles += [layer.register_forward_hook(self._on_block(i)),
+                        layer.attn_norm.register_forward_hook(self._on_norm),
+                        layer.mlp_norm.register_forward_hook(self._on_norm),
+                        layer.mlp.down_proj.register_forward_pre_hook(self._on_down(i, layer.mlp.down_proj.weight)),
+                        layer.attn.o_proj.register_forward_pre_hook(self._on_o(i, layer.attn.o_proj.weight))]
+            if self.cfg.num_kv_heads == self.cfg.num_heads:  # heads that shrink (BLOOM): per-dim q/k scale
+                handles += [layer.attn.q_proj.register_forward_hook(self._on_square(self.q2, i)),
+                            layer.attn.k_proj.register_forward_hook(self._on_square(self.k2, i))]
+        handles.append(model.norm.register_forward_hook(self._on_norm))
+        return handles
+
+    def _on_norm(self, _m, _args, out):
+        self.hidden += out.abs().double().sum(dim=(0, 1))
+
+    def _on_block(self, i):
+        def hook(_m, args, out):
+            cos = torch.nn.functional.cosine_similarity(args[0].double(), out.double(), dim=-1)
+            self.bi[i] += (1 - cos).sum()
+        return hook
+
+    def _on_down(self, i, weight):
+        col_norm = weight.double().norm(dim=0)  # (F,)
+
+        def hook(_m, args):
+            self.mlp[i] = self.mlp[i] + args[0].abs().double().sum(dim=(0, 1)) * col_norm
+        return hook
+
+    def _on_o(self, i, weight):
+        cfg = self.cfg
+        w = weight.double().view(cfg.hidden_size, cfg.num_heads, cfg.head_dim)  # (C, H, D)
+        col_norm = weight.double().norm(dim=0)  # (H*D,)
+
+        def hook(_m, args):
+            a = args[0].double()  # (B, T, H*D)
+            self.v[i] = self.v[i] + a.abs().sum(dim=(0, 1)) * col_norm
+            contrib = torch.einsum("bthd,chd->bthc", a.view(*a.shape[:2], cfg.num_heads, cfg.head_dim), w)
+            self.heads[i] = self.heads[i] + contrib.norm(dim=-1).sum(dim=(0, 1))
+        return hook
+
+    @staticmethod
+    def _on_square(sums: list, i: int):
+        def hook(_m, _args, out):
+            sums[i] = sums[i] + out.double().pow(2).sum(dim=(0, 1))
+        return hook
+
+    def stats(self, tokens: int) -> Stats:
+        def mean(x):
+            return (x / tokens).float() if isinstance(x, torch.Tensor) else torch.zeros(0)
+
+        qk = [((q / tokens) * (k / tokens)).sqrt().float() if isinstance(q, torch.Tensor) else torch.zeros(0)
+              for q, k in zip(self.q2, self.k2)]
+        return Stats(tokens=tokens, block_influence=[float(b / tokens) for b in self.bi], hidden=mean(self.hidden),
+                     mlp=[mean(x) for x in self.mlp], q_heads=[mean(x) for x in self.heads],
+                     v_dims=[mean(x) for x in self.v], qk_dims=qk)

@@ -54,54 +54,24 @@ class PruneResult:
 
 
 def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
+    """calibration stats -> vocabulary (mix) -> the solver's plans -> selections -> the best candidate, cut."""
     from ...models.decoder import Decoder
 
     t0 = time.perf_counter()
-    before = count_params(ckpt.config)
-    target = req.target_params if req.target_params is not None else round(req.ratio * before)
+    target = req.target_params if req.target_params is not None else round(req.ratio * count_params(ckpt.config))
     texts = list(req.calibration) if req.calibration is not None else calibration_texts()
     chunks = calibration_ids(ckpt.tokenizer, texts, tokens=req.calibration_tokens)
-
     trim = None
     if req.mode == "mix":
         trim = _vocabulary(ckpt, list(req.vocab_corpus) if req.vocab_corpus is not None else texts)
     plans = solve(ckpt.config, target, req.mode, vocab=len(trim.old_ids) if trim else None,
                   multiple=req.multiple_of)
-
     teacher = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source)
     stats = collect_stats(teacher, chunks)
-    candidates = []
-    for plan in plans:
-        sel = select(plan, stats, trim)
-        candidates.append((plan, sel))
-    scores, pruned = [], None
-    if len(candidates) > 1:  # the solver's mix: the depth/width split that best keeps the calibration text
-        from ...core.fidelity import measure
-
-        cal_texts = {f"calibration {i}": t for i, t in enumerate(texts)}
-        teacher_logits = {}  # every candidate shares the tokenizer: the teacher runs once per text
-        for plan, sel in candidates:
-            student = _student(ckpt, plan, sel, trim)
-            m = measure(teacher, ckpt.tokenizer, Decoder.from_state_dict(student.config, student.state_dict),
-                        student.tokenizer, texts=cal_texts, tokens=512, teacher_logits=teacher_logits)
-            scores.append(sum(r["kl_mean"] for r in m["texts"].values()) / len(m["texts"]))
-            if scores[-1] == min(scores):  # keep only the best so far: one pruned copy in memory, not four
-                pruned = student
-        best = scores.index(min(scores))
-    else:
-        best = 0
-    plan, sel = candidates[best]
-    extra = []
-    if scores:
-        extra.append("  mix candidates (layers kept: calibration KL): " + ", ".join(
-            f"{p.shape.layers}: {s:.4f}" for (p, _), s in zip(candidates, scores)))
-    if trim is not None:
-        extra.append(f"  vocabulary kept: the {len(trim.old_ids):,} tokens the corpus, the specials and the chat "
-                     "format use (other text falls back to byte tokens)")
-    log(render(plan, layers_kept=sel.layers, extra=extra))
-    if abs(plan.deviation) > TOLERANCE:
-        log(f"  note: {plan.mode} pruning moves in whole steps here; the nearest count is {plan.deviation:+.1%} "
-            "off the target")
+    candidates = [(plan, select(plan, stats, trim)) for plan in plans]
+    scores, pruned = _score_candidates(ckpt, teacher, candidates, texts, trim) if len(candidates) > 1 else ([], None)
+    plan, sel = candidates[scores.index(min(scores)) if scores else 0]
+    _log_plan(log, plan, sel, candidates, scores, trim)
     record = {"plan": plan.to_dict(), "layers_kept": sel.layers,
               "calibration": {"text": req.calibration_name, "tokens": stats.tokens},
               "block_influence": [round(b, 5) for b in stats.block_influence],
@@ -120,6 +90,40 @@ def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
 
         tokenizer_config = remap_tokenizer_config(source_tokenizer_config(ckpt), trim)
     return PruneResult(pruned, plan, record, trim, tokenizer_config)
+
+
+def _score_candidates(ckpt, teacher, candidates, texts: list[str], trim) -> tuple[list[float], object]:
+    """The solver's mix: each depth/width split's mean KL to the teacher on the calibration texts. Returns the
+    scores and the best candidate's pruned checkpoint (only the best so far is kept: one copy in memory)."""
+    from ...core.fidelity import measure
+    from ...models.decoder import Decoder
+
+    cal_texts = {f"calibration {i}": t for i, t in enumerate(texts)}
+    teacher_logits = {}  # every candidate shares the tokenizer: the teacher runs once per text
+    scores, best = [], None
+    for plan, sel in candidates:
+        student = _student(ckpt, plan, sel, trim)
+        m = measure(teacher, ckpt.tokenizer, Decoder.from_state_dict(student.config, student.state_dict),
+                    student.tokenizer, texts=cal_texts, tokens=512, teacher_logits=teacher_logits)
+        scores.append(sum(r["kl_mean"] for r in m["texts"].values()) / len(m["texts"]))
+        if scores[-1] == min(scores):
+            best = student
+    return scores, best
+
+
+def _log_plan(log, plan: Plan, sel: Selection, candidates, scores: list[float], trim) -> None:
+    """The plan as printed before anything is written."""
+    extra = []
+    if scores:
+        extra.append("  mix candidates (layers kept: calibration KL): " + ", ".join(
+            f"{p.shape.layers}: {s:.4f}" for (p, _), s in zip(candidates, scores)))
+    if trim is not None:
+        extra.append(f"  vocabulary kept: the {len(trim.old_ids):,} tokens the corpus, the specials and the chat "
+                     "format use (other text falls back to byte tokens)")
+    log(render(plan, layers_kept=sel.layers, extra=extra))
+    if abs(plan.deviation) > TOLERANCE:
+        log(f"  note: {plan.mode} pruning moves in whole steps here; the nearest count is {plan.deviation:+.1%} "
+            "off the target")
 
 
 # ------------------------------------------------------------------------------------------- vocabulary

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ...core.checkpoint import Checkpoint
 from ...core.fidelity import measure
+from ...core.load import PRUNING_RECORD
 from ...core.save import save_checkpoint
 from ...core.stage import measured
 from ...core.texts import held_out_texts
@@ -25,7 +26,6 @@ from .prune import PruneRequest, PruneResult, prune_checkpoint
 if TYPE_CHECKING:
     from ..job import Job
 
-RECORD = "pruning.json"
 
 
 def prune_to_folder(ckpt: Checkpoint, request: PruneRequest, out: str | None, *, teacher: str,
@@ -44,7 +44,7 @@ def prune_to_folder(ckpt: Checkpoint, request: PruneRequest, out: str | None, *,
                        result.checkpoint.tokenizer, texts=held_out_texts())
     record = {**result.record, "fidelity": fidelity,
               "teacher": {"path": teacher, "source": ckpt.source, "fingerprint": ckpt.fingerprint}}
-    path = save_checkpoint(result.checkpoint, out, records={RECORD: record}, force=force,
+    path = save_checkpoint(result.checkpoint, out, records={PRUNING_RECORD: record}, force=force,
                            tokenizer_config=result.tokenizer_config)
     return replace(result, checkpoint=result.checkpoint.replace(source=path, kind="hf"), record=record), record
 

@@ -99,117 +99,142 @@ def trim_vocabulary(tokenizer: Tokenizer, keep: Iterable[int], *, extra_tokens: 
     ignored, so put a chat format's text in the corpus instead. ``where`` names the tokenizer in error
     messages. Only BPE models are supported.
     """
-    spec = json.loads(tokenizer.to_str())
-    model = spec.get("model") or {}
-    kind = model.get("type")
-    if kind != "BPE":
-        raise UnsupportedModelError(f"{where}: vocabulary reduction supports BPE tokenizers, got {kind}")
-    vocab: dict[str, int] = model.get("vocab") or {}
-    added: list[dict[str, Any]] = spec.get("added_tokens") or []
+    bpe = _Bpe.read(tokenizer, where)
+    kept = bpe.required_tokens(keep, extra_tokens)
+    bpe.close_under_merges(kept)
+    old_ids = bpe.rewrite(kept)
+    return VocabTrim(tokenizer=bpe.load(old_ids), old_ids=old_ids)
 
-    token_of: dict[int, str] = {}
-    for token, i in vocab.items():
-        if i in token_of:
-            raise CheckpointError(f"{where}: model.vocab gives id {i} to both {token_of[i]!r} and {token!r}")
-        token_of[i] = token
-    for entry in added:
-        i, content = entry["id"], entry["content"]
-        if token_of.get(i, content) != content:
-            raise CheckpointError(f"{where}: added token {content!r} has id {i}, which model.vocab gives to "
-                                  f"{token_of[i]!r}")
-        token_of[i] = content
-    id_of = {token: i for i, token in token_of.items()}
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def known(i: Any, what: str) -> int:
+class _Bpe:
+    """A BPE tokenizer's JSON spec, rewritten in place to a subset of its tokens: read -> the tokens required
+    -> closed under merges -> rewritten with new ids -> loaded and checked."""
+
+    def __init__(self, spec: dict, size: int, where: str):
+        self.spec, self.size, self.where = spec, size, where
+        self.model = spec["model"]
+        self.vocab: dict[str, int] = self.model.get("vocab") or {}
+        self.added: list[dict[str, Any]] = spec.get("added_tokens") or []
+        self.token_of: dict[int, str] = {}
+        for token, i in self.vocab.items():
+            if i in self.token_of:
+                raise CheckpointError(f"{where}: model.vocab gives id {i} to both {self.token_of[i]!r} and {token!r}")
+            self.token_of[i] = token
+        for entry in self.added:
+            i, content = entry["id"], entry["content"]
+            if self.token_of.get(i, content) != content:
+                raise CheckpointError(f"{where}: added token {content!r} has id {i}, which model.vocab gives to "
+                                      f"{self.token_of[i]!r}")
+            self.token_of[i] = content
+        self.id_of = {token: i for i, token in self.token_of.items()}
+        self.prefix_len = len(self.model.get("continuing_subword_prefix") or "")
+        self.raw_merges = self.model.get("merges") or []
+        self.pairs = [_merge_pair(m, where) for m in self.raw_merges]
+
+    @classmethod
+    def read(cls, tokenizer: Tokenizer, where: str) -> "_Bpe":
+        spec = json.loads(tokenizer.to_str())
+        kind = (spec.get("model") or {}).get("type")
+        if kind != "BPE":
+            raise UnsupportedModelError(f"{where}: vocabulary reduction supports BPE tokenizers, got {kind}")
+        return cls(spec, tokenizer.get_vocab_size(with_added_tokens=True), where)
+
+    def known(self, i: Any, what: str) -> int:
         try:
             i = operator.index(i)  # numpy and torch integers are fine, floats and strings are not
         except TypeError:
-            raise CheckpointError(f"{where}: {what} {i!r} is not an integer") from None
-        if i not in token_of:
-            if 0 <= i < size:
-                raise CheckpointError(f"{where}: {what} {i} names no token (the vocabulary has a gap there)")
-            raise CheckpointError(f"{where}: {what} {i} is outside the vocabulary (size {size})")
+            raise CheckpointError(f"{self.where}: {what} {i!r} is not an integer") from None
+        if i not in self.token_of:
+            if 0 <= i < self.size:
+                raise CheckpointError(f"{self.where}: {what} {i} names no token (the vocabulary has a gap there)")
+            raise CheckpointError(f"{self.where}: {what} {i} is outside the vocabulary (size {self.size})")
         return i
 
-    kept_tokens = {token_of[known(i, "token id")] for i in keep}
-    kept_tokens.update(entry["content"] for entry in added)
-    for token in extra_tokens:
-        if not isinstance(token, str):
-            raise CheckpointError(f"{where}: extra token {token!r} is not a string")
-        if token in id_of:  # unknown ones are fine: a chat format's text need not be one token
-            kept_tokens.add(token)
-    unk = model.get("unk_token")
-    if unk in id_of:
-        kept_tokens.add(unk)
-    if _is_byte_level(spec):
-        kept_tokens.update(ch for ch in pre_tokenizers.ByteLevel.alphabet() if ch in id_of)
-    if model.get("byte_fallback"):
-        kept_tokens.update(t for t in _FALLBACK_BYTES if t in id_of)
-    # the post-processor inserts these ids itself and padding appends its pad id: they must survive
-    for i in _processor_ids(spec.get("post_processor")):
-        kept_tokens.add(token_of[known(i, "post_processor token id")])
-    padding = spec.get("padding")
-    if padding and padding.get("pad_id") in token_of:
-        kept_tokens.add(token_of[padding["pad_id"]])
+    def required_tokens(self, keep: Iterable[int], extra_tokens: Iterable[str]) -> set[str]:
+        """``keep`` and everything the tokenizer cannot work without (see trim_vocabulary)."""
+        kept = {self.token_of[self.known(i, "token id")] for i in keep}
+        kept.update(entry["content"] for entry in self.added)
+        for token in extra_tokens:
+            if not isinstance(token, str):
+                raise CheckpointError(f"{self.where}: extra token {token!r} is not a string")
+            if token in self.id_of:  # unknown ones are fine: a chat format's text need not be one token
+                kept.add(token)
+        if self.model.get("unk_token") in self.id_of:
+            kept.add(self.model["unk_token"])
+        if _is_byte_level(self.spec):
+            kept.update(ch for ch in pre_tokenizers.ByteLevel.alphabet() if ch in self.id_of)
+        if self.model.get("byte_fallback"):
+            kept.update(t for t in _FALLBACK_BYTES if t in self.id_of)
+        # the post-processor inserts these ids itself and padding appends its pad id: they must survive
+        for i in _processor_ids(self.spec.get("post_processor")):
+            kept.add(self.token_of[self.known(i, "post_processor token id")])
+        padding = self.spec.get("padding")
+        if padding and padding.get("pad_id") in self.token_of:
+            kept.add(self.token_of[padding["pad_id"]])
+        return kept
 
-    # Merge ancestry: BPE reaches a token only through the merges that produce it, so every part of every merge
-    # producing a kept token is kept too (all of them, not one path: a kept token's text may be split either
-    # way before merging). tokenizers forms a merge's result as a + b minus b's continuing-subword prefix.
-    prefix_len = len(model.get("continuing_subword_prefix") or "")
-    raw_merges = model.get("merges") or []
-    pairs = [_merge_pair(m, where) for m in raw_merges]
-    producers: dict[str, list[tuple[str, str]]] = {}
-    for a, b in pairs:
-        producers.setdefault(a + b[prefix_len:], []).append((a, b))
-    stack = list(kept_tokens)
-    while stack:
-        for pair in producers.get(stack.pop(), ()):
-            for part in pair:
-                if part not in kept_tokens:
-                    if part not in id_of:
-                        raise CheckpointError(f"{where}: merge {' '.join(pair)!r} uses {part!r}, which is not in "
-                                              "the vocabulary")
-                    kept_tokens.add(part)
+    def close_under_merges(self, kept: set[str]) -> None:
+        """Merge ancestry: BPE reaches a token only through the merges that produce it, so every part of every
+        merge producing a kept token is kept too (all of them, not one path: a kept token's text may be split
+        either way before merging). tokenizers forms a merge's result as a + b minus b's continuing-subword
+        prefix."""
+        producers: dict[str, list[tuple[str, str]]] = {}
+        for a, b in self.pairs:
+            producers.setdefault(a + b[self.prefix_len:], []).append((a, b))
+        stack = list(kept)
+        while stack:
+            for pair in producers.get(stack.pop(), ()):
+                for part in pair:
+                    if part in kept:
+                        continue
+                    if part not in self.id_of:
+                        raise CheckpointError(f"{self.where}: merge {' '.join(pair)!r} uses {part!r}, which is not "
+                                              "in the vocabulary")
+                    kept.add(part)
                     stack.append(part)
 
-    old_ids = tuple(sorted(id_of[t] for t in kept_tokens))
-    new_of = {old: new for new, old in enumerate(old_ids)}
+    def rewrite(self, kept: set[str]) -> tuple[int, ...]:
+        """Rewrite the spec to the kept tokens, renumbered in their original order; returns the old ids."""
+        old_ids = tuple(sorted(self.id_of[t] for t in kept))
+        new_of = {old: new for new, old in enumerate(old_ids)}
+        new_vocab = {token: new_of[i] for token, i in self.vocab.items() if i in new_of}
+        # tokenizers ignores the ids written for added tokens that are not in model.vocab and numbers them after
+        # the model's vocabulary; one that now sits below a model token must move into model.vocab to keep its id
+        top = max(new_vocab.values(), default=-1)
+        for entry in self.added:
+            new = new_of[entry["id"]]
+            if entry["content"] not in self.vocab and new < top:
+                new_vocab[entry["content"]] = new
+        self.model["vocab"] = dict(sorted(new_vocab.items(), key=lambda kv: kv[1]))
+        # keep exactly the merges among kept tokens, in rank order and in the form (list or "a b") they were read
+        self.model["merges"] = [raw for raw, (a, b) in zip(self.raw_merges, self.pairs)
+                                if a in kept and b in kept and a + b[self.prefix_len:] in kept]
+        for entry in self.added:
+            entry["id"] = new_of[entry["id"]]
+        self.added.sort(key=lambda entry: entry["id"])  # tokenizers numbers model-less added tokens in list order
+        if self.spec.get("post_processor"):
+            _remap_processor(self.spec["post_processor"], new_of)
+        padding = self.spec.get("padding")
+        if padding and padding.get("pad_id") in new_of:
+            padding["pad_id"] = new_of[padding["pad_id"]]
+        return old_ids
 
-    new_vocab = {token: new_of[i] for token, i in vocab.items() if i in new_of}
-    # tokenizers ignores the ids written for added tokens that are not in model.vocab and numbers them after
-    # the model's vocabulary; one that now sits below a model token must move into model.vocab to keep its id
-    top = max(new_vocab.values(), default=-1)
-    for entry in added:
-        new = new_of[entry["id"]]
-        if entry["content"] not in vocab and new < top:
-            new_vocab[entry["content"]] = new
-    model["vocab"] = dict(sorted(new_vocab.items(), key=lambda kv: kv[1]))
-    # keep exactly the merges among kept tokens, in rank order and in the form (list or "a b") they were read
-    model["merges"] = [raw for raw, (a, b) in zip(raw_merges, pairs)
-                       if a in kept_tokens and b in kept_tokens and a + b[prefix_len:] in kept_tokens]
-    for entry in added:
-        entry["id"] = new_of[entry["id"]]
-    added.sort(key=lambda entry: entry["id"])  # tokenizers numbers model-less added tokens in list order
-    if spec.get("post_processor"):
-        _remap_processor(spec["post_processor"], new_of)
-    if padding and padding.get("pad_id") in new_of:
-        padding["pad_id"] = new_of[padding["pad_id"]]
-
-    try:
-        reduced = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
-    except Exception as e:  # tokenizers raises plain Exception; its text can span lines
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{where}: the reduced tokenizer does not load ({first})") from e
-    # the whole point is the id map: check tokenizers numbered every token as written
-    if reduced.get_vocab_size(with_added_tokens=True) != len(old_ids):
-        raise CheckpointError(f"{where}: the reduced tokenizer has {reduced.get_vocab_size(with_added_tokens=True)}"
-                              f" tokens, expected {len(old_ids)}")
-    for new, old in enumerate(old_ids):
-        if reduced.id_to_token(new) != token_of[old]:
-            raise CheckpointError(f"{where}: the reduced tokenizer gives id {new} to {reduced.id_to_token(new)!r},"
-                                  f" expected {token_of[old]!r}")
-    return VocabTrim(tokenizer=reduced, old_ids=old_ids)
+    def load(self, old_ids: tuple[int, ...]) -> Tokenizer:
+        """The rewritten tokenizer, checked to number every token as written (the id map is the point)."""
+        where = self.where
+        try:
+            reduced = Tokenizer.from_str(json.dumps(self.spec, ensure_ascii=False))
+        except Exception as e:  # tokenizers raises plain Exception; its text can span lines
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{where}: the reduced tokenizer does not load ({first})") from e
+        if reduced.get_vocab_size(with_added_tokens=True) != len(old_ids):
+            raise CheckpointError(f"{where}: the reduced tokenizer has {reduced.get_vocab_size(with_added_tokens=True)}"
+                                  f" tokens, expected {len(old_ids)}")
+        for new, old in enumerate(old_ids):
+            if reduced.id_to_token(new) != self.token_of[old]:
+                raise CheckpointError(f"{where}: the reduced tokenizer gives id {new} to {reduced.id_to_token(new)!r},"
+                                      f" expected {self.token_of[old]!r}")
+        return reduced
 
 
 def remap_tokenizer_config(tok_cfg: dict, trim: VocabTrim) -> dict:
