@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from belle_edge.mask import WINDOW_OFF, MaskConfig, retained, visible
+from belle_edge.targets import target_for_device
 
 
 def cuda_time(fn, repeats: int = 20, warmup: int = 3) -> float:
@@ -234,11 +235,16 @@ def main(argv=None):
         ours = ours_decode(decoder, prompt, 128)
         theirs = transformers_decode(model, prompt, 128)
         roof = bw * 1e9 / wbytes
+        target = target_for_device(torch.cuda.get_device_name())  # the spec sheet's peak, from targets.py
+        spec_roof = target.roofline_tok_s(wbytes) if target else None
         result["e2e"] = {"model": "Llama-3.2-3B shape, random fp16 weights", "params": sum(
             p.numel() for p in decoder.parameters()), "weight_bytes_per_token": wbytes, "copy_bandwidth_gb_s": round(bw, 1),
             "ours_decode_tok_s": round(ours, 1), "transformers_decode_tok_s": round(theirs, 1),
             "speedup": round(ours / theirs, 2), "roofline_tok_s": round(roof, 1),
-            "roofline_share": round(ours / roof, 3)}
+            "roofline_share": round(ours / roof, 3),
+            "target": target.name if target else None, "target_bandwidth_gb_s": target.bandwidth_gbs if target else None,
+            "target_roofline_tok_s": round(spec_roof, 1) if spec_roof else None,
+            "target_roofline_share": round(ours / spec_roof, 3) if spec_roof else None}
         print(json.dumps(result["e2e"]))
         try:
             result["decode_profile"] = profile_decode(decoder, prompt)
@@ -271,7 +277,10 @@ def render(r: dict) -> str:
         lines += ["", f"End to end ({e['model']}, {e['params'] / 1e9:.2f}B params, batch 1): ours "
                   f"{e['ours_decode_tok_s']} tok/s, transformers generate {e['transformers_decode_tok_s']} tok/s "
                   f"({e['speedup']}x); roofline {e['roofline_tok_s']} tok/s at {e['copy_bandwidth_gb_s']} GB/s copy "
-                  f"bandwidth -> {e['roofline_share']:.0%} of it."]
+                  f"bandwidth -> {e['roofline_share']:.0%} of it" + (
+                      f"; {e['target_roofline_share']:.0%} of the {e['target']} spec roofline "
+                      f"({e['target_roofline_tok_s']} tok/s at {e['target_bandwidth_gb_s']} GB/s)."
+                      if e.get("target_roofline_tok_s") else ".")]
     for d in r.get("dialogue", []):
         lines.append(f"- turn {d['turn']}, W={d['window']}: {d['decode_tok_s']} decode tok/s with {d['kv_tokens']} KV tokens")
     return "\n".join(lines) + "\n"

@@ -50,3 +50,33 @@ def test_runtime_core_imports_and_runs_with_torch_blocked(tmp_path, tiny_tokeniz
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "runtime core ok without torch" in result.stdout
+
+
+INSPECT = textwrap.dedent('''
+    import sys
+
+    class Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "safetensors", "rich", "onnx", "tqdm"):
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    from belle_edge.cli import main
+
+    code = main(["inspect", sys.argv[1], "--verify"])
+    assert "torch" not in sys.modules and "rich" not in sys.modules
+    sys.exit(code)
+''')
+
+
+def test_inspect_works_on_a_device_with_only_the_runtime(tmp_path, tiny_llama_dir):
+    """What jetson/build_engine.sh runs after building: `belle-edge inspect`, with belle_edge[onnx] only."""
+    from belle_edge.compile.pipeline import CompileConfig, compile_model
+
+    art = str(tmp_path / "art")
+    compile_model(CompileConfig(out=art, model=tiny_llama_dir), progress=False)
+    result = subprocess.run([sys.executable, "-c", INSPECT, art], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "stages:" in result.stdout and "model.onnx.data" in result.stdout
+    assert "all file hashes match the manifest" in result.stdout

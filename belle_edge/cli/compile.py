@@ -132,10 +132,14 @@ def run_inspect(args) -> int:
 
 
 def print_manifest(m) -> None:
-    """The manifest as three tables: what it is, its stages, its files."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """The manifest as three tables: what it is, its stages, its files (plain text where rich is not
+    installed: a device with only belle_edge[onnx])."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        _print_plain(m)
+        return
     console = Console()
     head = Table(show_header=False, box=None)
     for key, value in _summary(m):
@@ -154,6 +158,18 @@ def print_manifest(m) -> None:
     for name, rec in m.files.items():
         files.add_row(name, f"{rec.bytes / 2**20:.1f}", rec.sha256[:16])
     console.print(files)
+
+
+def _print_plain(m) -> None:
+    for key, value in _summary(m):
+        print(f"{key:<20}{value}")
+    print("stages:")
+    for st in m.stages:
+        print(f"  {st.name:<10}{st.seconds:>9.2f} s {st.peak_rss_mb:>8.0f} MB  "
+              + ", ".join(f"{k}={v}" for k, v in st.details.items()))
+    print("files:")
+    for name, rec in m.files.items():
+        print(f"  {name:<24}{rec.bytes / 2**20:>10.1f} MB  {rec.sha256[:16]}")
 
 
 def _summary(m) -> list[tuple[str, str]]:
