@@ -76,19 +76,10 @@ def _only_gguf(folder: str) -> str:
 
 def pruning_record(path: str) -> dict | None:
     """A pruned checkpoint's ``pruning.json`` (None for a checkpoint that has none)."""
-    import json
+    from .hf_dir import read_json
 
     record = os.path.join(path, PRUNING_RECORD)
-    if not os.path.isfile(record):
-        return None
-    try:
-        with open(record, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{record}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{record}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(record) if os.path.isfile(record) else None
 
 
 def teacher_of(student: str) -> str:
