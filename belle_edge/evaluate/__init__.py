@@ -1,2 +1,2 @@
-"""Measuring models: fidelity of a pruned or quantized model to its source (``fidelity``), and the texts
-those measures run on (``texts``)."""
+"""Measuring models for people: ``eval-fidelity`` on checkpoints on disk (``fidelity``, over
+core/fidelity.py), and reply quality on held-out dialogues (``replies``, ``generation``)."""
