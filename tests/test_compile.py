@@ -216,6 +216,21 @@ def test_the_stages_run_alone_meet_on_disk(tmp_path, tiny_llama_dir):
     assert a.send("你好").text == b.send("你好").text
 
 
+def test_a_quantized_checkpoint_exports_without_its_source(tmp_path, tiny_llama_dir):
+    """Quantized on one machine, exported on another: the fidelity stage says why it measured nothing."""
+    import shutil
+
+    from belle_edge.cli import main
+
+    source, q = tmp_path / "source", tmp_path / "q"
+    shutil.copytree(tiny_llama_dir, source)
+    assert main(["quantize", str(source), "--precision", "int8", "--out", str(q)]) == 0
+    shutil.rmtree(source)
+    m = compile_model(CompileConfig(out=str(tmp_path / "art"), model=str(q)), progress=False)
+    assert m.precision == "int8" and "is not on this machine" in m.stage("fidelity").details["skipped"]
+    assert load(str(tmp_path / "art")).session(max_new_tokens=3).send("你好").stats.new_tokens >= 1
+
+
 def test_stages_run_alone_refuse_what_does_not_fit(tmp_path, tiny_llama_dir):
     from belle_edge.cli import main
 

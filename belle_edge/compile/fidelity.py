@@ -4,7 +4,8 @@ calibration half (core/texts.py).
 
 Details recorded: ``kl_mean``, ``kl_p95``, ``top1_agreement``, ``tokens`` over all held-out tokens
 (``tokens`` in all, split evenly between the texts), ``texts`` (the same figures per text) and ``reference``
-(the checkpoint compared against).
+(the checkpoint compared against); or ``skipped`` with the reason, when a quantized checkpoint is exported
+on a machine without the model it was quantized from.
 """
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ class FidelityStage:
 
         from ..core.load import load_checkpoint
 
-        reference = job.reference or load_checkpoint(job.reference_path)
+        reference = job.reference
+        if reference is None:  # a quantized checkpoint exported alone: the model it was quantized from
+            if not job.reference_path or not os.path.exists(job.reference_path):
+                return {"skipped": f"the model it was quantized from ({job.reference_path}) is not on this machine"}
+            reference = load_checkpoint(job.reference_path)
         return measure_fidelity(reference, os.path.join(job.artifact, "model.onnx"), tokens=self.tokens)
 
 
