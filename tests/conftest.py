@@ -72,6 +72,28 @@ def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=512, tie=False, 
     return model
 
 
+def make_tiny_qwen2(path, tokenizer, *, layers=2, max_positions=512, tie=True, heads=4, kv_heads=2, head_dim=16,
+                    seed=0):
+    """Qwen2's traits at a tiny size: q/k/v biases (none on o_proj), a tied head, RoPE base 1e6, ChatML."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=heads * head_dim, intermediate_size=96,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+                      eos_token_id=tokenizer.token_to_id("<|im_end|>"), bos_token_id=None)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random biases, so a lost or misplaced bias shows in the logits
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(std=0.2)
+    model.save_pretrained(path)
+    _write_tokenizer(path, tokenizer, chat_template=CHATML, eos="<|im_end|>")
+    return model
+
+
 def make_tiny_bloom(path, tokenizer, *, layers=2, heads=6, head_dim=16, seed=0):
     import torch
     from transformers import BloomConfig, BloomForCausalLM
@@ -96,6 +118,13 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer):
 def tiny_bloom_dir(tmp_path_factory, tiny_tokenizer):
     path = str(tmp_path_factory.mktemp("tiny_bloom"))
     make_tiny_bloom(path, tiny_tokenizer)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, tiny_tokenizer):
+    path = str(tmp_path_factory.mktemp("tiny_qwen2"))
+    make_tiny_qwen2(path, tiny_tokenizer)
     return path
 
 

@@ -241,3 +241,17 @@ def test_stages_run_alone_refuse_what_does_not_fit(tmp_path, tiny_llama_dir):
     assert main(["quantize", tiny_llama_dir, "--precision", "fp16", "--out", str(tmp_path / "x")]) == 2
     assert main(["chat", str(q)]) == 2  # a quantized checkpoint is not a checkpoint chat opens: export it
     assert sorted(os.listdir(tmp_path)) == ["q"]
+
+
+def test_a_qwen2_checkpoint_compiles_and_chats_like_itself(tmp_path, tiny_qwen2_dir):
+    """The third family through compile: fp32 replies equal the checkpoint's, int4 keeps close to it."""
+    out = str(tmp_path / "fp32")
+    m = compile_model(CompileConfig(out=out, model=tiny_qwen2_dir), progress=False)
+    assert m.model.family == "qwen2" and m.model.qkv_bias and m.model.tie_embeddings
+    a, b = load(out).session(max_new_tokens=8), load(tiny_qwen2_dir).session(max_new_tokens=8)
+    for message in ("你好", "订单已经发货了吗？"):
+        assert a.send(message).text == b.send(message).text
+    q = compile_model(CompileConfig(out=str(tmp_path / "int4"), model=tiny_qwen2_dir, precision="int4",
+                                    fidelity_tokens=64), progress=False)
+    assert q.stage("quantize").details["sources"] == {"rtn": 2 * 7 + 1}
+    assert q.stage("fidelity").details["kl_mean"] < 0.05

@@ -168,3 +168,15 @@ def test_head_sizes_the_kernels_do_not_take_are_refused_before_building(tmp_path
                                     precision="fp16"), progress=False)
     assert "\n" not in str(e.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_qwen2_engine_with_the_default_models_attention_shape(tmp_path, tiny_tokenizer):
+    """Qwen2.5-0.5B's attention geometry — 7 query heads per KV head, head size 64 — with q/k/v biases: our
+    plugin takes it (group <= 8), and the engine carries one plugin layer per block."""
+    from conftest import make_tiny_qwen2
+
+    src = str(tmp_path / "qwen2")
+    make_tiny_qwen2(src, tiny_tokenizer, heads=7, kv_heads=1, head_dim=64)
+    m, build = _build(tmp_path / "art", src, "rtx3090", "plugin")
+    assert m.model.family == "qwen2" and m.model.group_size == 7 and m.model.head_dim == 64
+    assert m.runtime.engine.plugin.layers == 2 and build.details["compute_capability"] == "SM86"

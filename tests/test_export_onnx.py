@@ -14,14 +14,15 @@ from belle_edge.models.decoder import Decoder
 from belle_edge.runtime.backends.ort_backend import OrtBackend, make_session
 from belle_edge.runtime.model import ChatModel
 
-from conftest import make_tiny_bloom, make_tiny_llama
+from conftest import make_tiny_bloom, make_tiny_llama, make_tiny_qwen2
 
 
-@pytest.fixture(scope="module", params=["llama", "bloom"])
+@pytest.fixture(scope="module", params=["llama", "bloom", "qwen2"])
 def exported(request, tmp_path_factory, tiny_tokenizer):
     """(checkpoint, fp32 folder, fp16 folder) for a tiny model of each family."""
     src = str(tmp_path_factory.mktemp(f"src_{request.param}"))
-    (make_tiny_llama if request.param == "llama" else make_tiny_bloom)(src, tiny_tokenizer)
+    makers = {"llama": make_tiny_llama, "bloom": make_tiny_bloom, "qwen2": make_tiny_qwen2}
+    makers[request.param](src, tiny_tokenizer)
     ckpt = load_checkpoint(src)
     folders = {}
     for dtype in ("float32", "float16"):

@@ -10,7 +10,7 @@ from belle_edge.mask import MaskConfig
 from belle_edge.models import family
 from belle_edge.models.decoder import Decoder
 
-from conftest import make_tiny_bloom, make_tiny_llama
+from conftest import make_tiny_bloom, make_tiny_llama, make_tiny_qwen2
 
 
 def _ours(ckpt):
@@ -30,6 +30,7 @@ def _compare(hf_model, decoder, ids, atol=1e-4):
 @pytest.mark.parametrize("maker,kwargs", [
     (make_tiny_llama, {}), (make_tiny_llama, {"tie": True}),
     (make_tiny_bloom, {}), (make_tiny_bloom, {"heads": 4}),
+    (make_tiny_qwen2, {}), (make_tiny_qwen2, {"tie": False, "heads": 7, "kv_heads": 1}),
 ])
 def test_logits_equal_transformers_on_tiny_models(tmp_path, tiny_tokenizer, maker, kwargs):
     hf = maker(str(tmp_path), tiny_tokenizer, **kwargs)
@@ -47,7 +48,7 @@ def test_logits_equal_transformers_on_tiny_models(tmp_path, tiny_tokenizer, make
     assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("maker", [make_tiny_llama, make_tiny_bloom])
+@pytest.mark.parametrize("maker", [make_tiny_llama, make_tiny_bloom, make_tiny_qwen2])
 def test_canonical_weights_convert_back_to_stock_transformers(tmp_path, tiny_tokenizer, maker):
     hf = maker(str(tmp_path), tiny_tokenizer)
     ckpt = load_checkpoint(str(tmp_path))

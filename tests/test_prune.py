@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import CORPUS, make_tiny_llama  # noqa: E402
+from conftest import CORPUS, make_tiny_llama, make_tiny_qwen2  # noqa: E402
 
 from belle_edge.errors import BelleEdgeError, InputError  # noqa: E402
 from belle_edge.mask import MaskConfig  # noqa: E402
@@ -34,10 +34,11 @@ def _make_bloom(path, tokenizer, *, layers=4, heads=2, head_dim=64):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("prune_src")
-    llama, bloom = str(root / "llama"), str(root / "bloom")
+    llama, bloom, qwen2 = str(root / "llama"), str(root / "bloom"), str(root / "qwen2")
     make_tiny_llama(llama, tiny_tokenizer, layers=4)  # 4 query heads over 2 KV heads
     _make_bloom(bloom, tiny_tokenizer)
-    return {"llama": llama, "bloom": bloom}
+    make_tiny_qwen2(qwen2, tiny_tokenizer, layers=4)  # q/k/v biases follow their rows, a tied head
+    return {"llama": llama, "bloom": bloom, "qwen2": qwen2}
 
 
 def _logits(model, ids):
@@ -55,7 +56,7 @@ def _prune(src, mode, ratio=0.6, **kw):
     return ckpt, result, "\n".join(lines)
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "bloom", "qwen2"])
 @pytest.mark.parametrize("mode", ["width", "depth", "mix"])
 def test_pruned_checkpoint_reloads_in_transformers_and_matches_our_model(sources, tmp_path, family, mode):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +91,7 @@ def test_pruned_checkpoint_reloads_in_transformers_and_matches_our_model(sources
     cfg = result.checkpoint.config
     assert hf.config.hidden_size == cfg.hidden_size and hf.config.num_hidden_layers == cfg.num_layers
     assert hf.config.vocab_size == cfg.vocab_size
-    if family == "llama":
+    if family in ("llama", "qwen2"):
         assert cfg.hidden_size % cfg.num_heads == 0  # transformers' LlamaConfig insists
         assert hf.config.num_key_value_heads == cfg.num_kv_heads
         assert hf.config.intermediate_size == cfg.intermediate_size
@@ -140,7 +141,7 @@ def _masked_source_logits(ckpt, sel, ids):
         return _logits(Decoder.from_state_dict(cfg, sd), ids)
 
 
-@pytest.mark.parametrize("family", ["llama", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "bloom", "qwen2"])
 def test_cutting_heads_and_channels_equals_zeroing_them_in_the_source(sources, family):
     """Keep the residual stream whole and the cut is exact: the pruned model computes what the source
     computes with the dropped heads, head dims and MLP channels silenced."""
@@ -170,7 +171,7 @@ def test_cutting_heads_and_channels_equals_zeroing_them_in_the_source(sources, f
         got = _logits(pruned, ids)
     want = _masked_source_logits(ckpt, sel, ids)
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
-    if family == "llama":  # query heads stay with their KV head: each kept group is whole or cut evenly
+    if family in ("llama", "qwen2"):  # query heads stay with their KV head: each kept group is whole or cut evenly
         for i, q in sel.q_heads.items():
             groups = (q // cfg.group_size).view(shape.kv_heads, shape.group)
             assert (groups == sel.kv_heads[i][:, None]).all()

@@ -345,3 +345,28 @@ def test_cli_data_clean_writes_output_and_report(tmp_path, capsys, default_check
     assert json.load(open(tmp_path / "clean.jsonl.report.json"))["output"] == 2
     assert raw.read_bytes() == before
     assert main(["data", "clean", str(raw), "--out", str(raw)]) == 2
+
+
+def test_a_qwen2_model_fine_tunes_merges_and_reloads_in_transformers(tiny_qwen2_dir, data_file, tmp_path):
+    """The third family through SFT and merge: LoRA on its biased q/k/v, and the merged checkpoint is a stock
+    Qwen2 that transformers computes exactly as our decoder does."""
+    from transformers import AutoModelForCausalLM
+
+    from belle_edge.core.load import load_checkpoint
+    from belle_edge.models.decoder import Decoder
+    from belle_edge.train.sft import run_merge, run_sft
+
+    run = str(tmp_path / "run")
+    record = run_sft(tiny_qwen2_dir, data_file, run, _config(epochs=1, save_every=0), progress=False,
+                     log=lambda _: None)
+    assert record["steps"] >= 1 and 0 < record["parameters"]["share"] < 0.5
+    merged = run_merge(run, str(tmp_path / "merged"))
+    ckpt = load_checkpoint(merged)
+    assert ckpt.config.family == "qwen2" and ckpt.config.qkv_bias and not ckpt.config.attention_bias
+    hf = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = ckpt.tokenizer.encode("你好！订单已经发货了吗？").ids
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+        got = Decoder.from_state_dict(ckpt.config, ckpt.state_dict)(torch.tensor([ids]), np.arange(len(ids)),
+                                                                     np.zeros(len(ids), np.int64), MaskConfig.off())[0]
+    assert torch.allclose(got, want, atol=1e-4)

@@ -90,7 +90,7 @@ class _DecoderGraph:
     def layer(self, i: int, h: str, x: str) -> tuple[str, str]:
         """Block ``i`` on its normed input ``h`` and residual ``x``: (the next normed input, the new residual)."""
         cfg, p, s = self.cfg, f"layers.{i}.", f"/model/layers.{i}"
-        qkv = self.linear(h, [p + "attn.q_proj", p + "attn.k_proj", p + "attn.v_proj"], cfg.attention_bias,
+        qkv = self.linear(h, [p + "attn.q_proj", p + "attn.k_proj", p + "attn.v_proj"], cfg.qkv_has_bias,
                           f"{s}/attn/qkv_proj")
         q, k, v = _split_heads(self.g, cfg, qkv, self.rope, f"{s}/attn")
         slopes = (self.weights[p + "attn.alibi_slopes"] if cfg.positions == "alibi"

@@ -11,7 +11,7 @@ import importlib
 from ..errors import UnsupportedModelError
 from .config import ModelConfig
 
-_FAMILY_MODULES = {"llama": "llama", "bloom": "bloom"}
+_FAMILY_MODULES = {"llama": "llama", "bloom": "bloom", "qwen2": "qwen2"}
 
 
 def family_name_for(model_type: str | None, where: str) -> str:
@@ -23,7 +23,7 @@ def family_name_for(model_type: str | None, where: str) -> str:
 
 
 def family(name: str):
-    """The family module (``llama`` or ``bloom``); imports torch."""
+    """The family module (``llama``, ``bloom`` or ``qwen2``); imports torch (bloom's converter)."""
     if name not in _FAMILY_MODULES:
         raise UnsupportedModelError(f"model family {name!r} is not supported; supported: {', '.join(_FAMILY_MODULES)}")
     return importlib.import_module(f"{__name__}.{_FAMILY_MODULES[name]}")

@@ -1,6 +1,6 @@
-"""``ModelConfig``: the canonical description of a decoder, shared by both BELLE architectures.
+"""``ModelConfig``: the canonical description of a decoder, shared by every family.
 
-A family module (``llama.py``, ``bloom.py``) maps a checkpoint's own config onto this; every later pass
+A family module (``llama.py``, ``bloom.py``, ``qwen2.py``) maps a checkpoint's own config onto this; every later pass
 (prune, export, build) reads and writes only this. Architectural traits are fields, not family checks, so a
 pruned LLaMA is just a ModelConfig with other sizes.
 """
@@ -18,7 +18,7 @@ POSITIONS = ("rope", "alibi")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "llama" | "bloom": which module converts its checkpoints
+    family: str  # "llama" | "bloom" | "qwen2": which module converts its checkpoints
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -34,6 +34,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     embed_norm: bool = False  # BLOOM's LayerNorm right after the embedding
     attention_bias: bool = False  # q/k/v/o biases
+    qkv_bias: bool = False  # q/k/v biases only, o_proj without (Qwen2)
     mlp_bias: bool = False
     rope_theta: float = 10000.0
     bos_token_id: int | None = None
@@ -83,3 +84,7 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def qkv_has_bias(self) -> bool:
+        return self.attention_bias or self.qkv_bias

@@ -9,7 +9,7 @@ Canonical parameter names (``{i}`` = layer)::
     embed.weight                      (V, C)
     embed_norm.{weight,bias}          (C,)        BLOOM only
     layers.{i}.attn_norm.weight       (C,)        (+ .bias for LayerNorm)
-    layers.{i}.attn.q_proj.weight     (H*D, C)    (+ .bias when attention_bias)
+    layers.{i}.attn.q_proj.weight     (H*D, C)    (+ .bias when attention_bias or qkv_bias)
     layers.{i}.attn.k_proj.weight     (Hkv*D, C)
     layers.{i}.attn.v_proj.weight     (Hkv*D, C)
     layers.{i}.attn.o_proj.weight     (C, H*D)
@@ -91,11 +91,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=bias)
+        qkv_bias = cfg.qkv_has_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         if cfg.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads))
 
