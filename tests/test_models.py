@@ -97,3 +97,38 @@ def test_the_cached_conversion_loads_identically_and_in_stock_transformers(defau
     stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.tensor([default_checkpoint.tokenizer.encode("Hello, 世界").ids])
     _compare(stock, _ours(again), ids)
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint():
+    from belle_edge.known_models import MODELS
+
+    if MODELS["qwen2.5-0.5b"].path() is None:
+        pytest.skip("Qwen2.5-0.5B is not fetched here: belle-edge fetch-model qwen2.5-0.5b (make does it)")
+    return load_checkpoint("qwen2.5-0.5b")
+
+
+@pytest.mark.slow
+def test_logits_equal_transformers_on_qwen2_5(qwen_checkpoint):
+    """The real Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, de-quantized to fp32 by transformers' reader):
+    our canonical decoder against transformers' Qwen2, and a Chinese question answered in Chinese."""
+    from transformers import AutoModelForCausalLM
+
+    from belle_edge.api import torch_chat_model
+    from belle_edge.known_models import MODELS
+
+    cfg = qwen_checkpoint.config
+    assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.vocab_size, cfg.rope_theta, cfg.qkv_bias) == ("qwen2", 24, 896, 14, 2, 64, 151936, 1e6, True)
+    # the GGUF stores its own output.weight (quantized apart from the embedding), so the head is untied here
+    assert not cfg.tie_embeddings and "lm_head.weight" in qwen_checkpoint.state_dict
+    folder, name = os.path.split(MODELS["qwen2.5-0.5b"].path())
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    decoder = _ours(qwen_checkpoint)
+    ids = torch.tensor([qwen_checkpoint.tokenizer.encode("你好，我想查询一下我的订单。The turn window keeps memory bounded.").ids])
+    _compare(hf, decoder, ids)
+    del hf
+    session = torch_chat_model(qwen_checkpoint, decoder=decoder).session(system="你是一个乐于助人的中文客服助手。",
+                                                                         max_new_tokens=24)
+    reply = session.send("你好！请用一句话介绍你自己。").text
+    assert sum("\u4e00" <= c <= "\u9fff" for c in reply) >= 5, reply  # answered in Chinese

@@ -2,7 +2,7 @@
 
 One module per family of commands — chat.py (chat, demo), compile.py (compile and its stages run alone:
 quantize, export, build-engine; inspect), prune.py (prune, eval-fidelity), train.py (data clean, train,
-eval) — each adding its parsers with the function that runs them. A user's mistake ends in one line on
+eval), setup.py (fetch-model) — each adding its parsers with the function that runs them. A user's mistake ends in one line on
 stderr (``belle-edge: error: ...``) and exit status 2, never a traceback.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import BelleEdgeError, MissingDependencyError
-from . import chat, compile, prune, train
+from . import chat, compile, prune, setup, train
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile.register(sub)
     prune.register(sub)
     train.register(sub)
+    setup.register(sub)
     _register_bench(sub)
     return parser
 

@@ -51,8 +51,11 @@ class LoadStage:
 
 
 def source_name(model: str | None, source: str) -> str:
-    if model is None:
-        from ..default_model import NAME
+    """For people: the title of a model known by name (or the default), else the file or folder name."""
+    from ..default_model import DEFAULT
+    from ..known_models import MODELS
 
-        return NAME
+    name = DEFAULT if model is None else model
+    if name in MODELS and not os.path.exists(name):
+        return MODELS[name].title
     return os.path.basename(source.rstrip("/"))

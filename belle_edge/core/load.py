@@ -2,6 +2,7 @@
 
 * a Hugging Face directory (:mod:`.hf_dir`);
 * a GGUF file, or a directory holding exactly one (:mod:`.gguf`);
+* a model known by name (``qwen2.5-0.5b``, ``smollm2-135m``: :mod:`belle_edge.known_models`);
 * nothing: the default model (:mod:`belle_edge.default_model`).
 
 A folder written by the quantize stage is not a checkpoint this opens: ``belle-edge export`` takes it.
@@ -15,6 +16,7 @@ import os
 from tokenizers import Tokenizer
 
 from ..default_model import default_model_path
+from ..known_models import MODELS, model_path
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
 
@@ -58,6 +60,8 @@ def checkpoint_path(model: str | None) -> str:
     """The absolute path ``model`` names (the default model's file for None); refuses a missing one and a
     quantize stage's output with a pointer to what takes it."""
     path = default_model_path() if model is None else os.path.abspath(os.path.expanduser(model))
+    if not os.path.exists(path) and model in MODELS:  # a model known by name (known_models.py)
+        path = model_path(model)
     if not os.path.exists(path):
         raise CheckpointError(f"{model}: no such file or directory")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANTIZED_RECORD)):
