@@ -62,8 +62,13 @@ class _DecoderGraph:
     def linear(self, x: str, names: list[str], bias: bool, scope: str) -> str:
         """x @ [W_a; W_b; ...]ᵀ (+ biases): sibling projections of one input fused into one MatMul."""
         g, quantized, weights = self.g, self.quantized, self.weights
-        if all(n + ".weight" in quantized for n in names):
-            parts = [quantized[n + ".weight"] for n in names]
+        parts = [quantized.get(n + ".weight") for n in names]
+        if all(p is not None for p in parts) and len({(p.bits, p.block_size) for p in parts}) > 1:
+            # blocks carried from a GGUF at different widths (Q5_0 q/k beside a Q8_0 v): one MatMulNBits each
+            ys = [_QuantizedWeight(g, n, p, self.accuracy_level).matmul(x, f"{scope}/{n.rsplit('.', 1)[-1]}")
+                  for n, p in zip(names, parts)]
+            y = g.op("Concat", ys, scope + "/Concat", axis=-1)
+        elif all(p is not None for p in parts):
             fused = parts[0] if len(parts) == 1 else concat_rows(parts)
             y = _QuantizedWeight(g, _fused_name(names), fused, self.accuracy_level).matmul(x, scope)
         else:

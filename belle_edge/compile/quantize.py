@@ -114,7 +114,10 @@ def quantize_weights(cfg: ModelConfig, state_dict: dict, precision: str, *, bloc
     for name, b in plan.items():
         w = state_dict[name].detach().float().cpu().numpy()
         carried = gguf_blocks.get(name)
-        if carried is not None and carried.bits == b and carried.block_size == block_size \
+        # a file's own blocks go in wherever they reproduce the weight exactly: at their own width and block
+        # in an int4 artifact (a Q5_0 or Q6_K tensor at 8 bits rather than rounded a second time), only
+        # 8-bit ones in an int8 artifact
+        if carried is not None and (carried.bits == b or b == 4) \
                 and np.allclose(carried.dequantize(), w, rtol=0, atol=1e-6 * max(1.0, float(np.abs(w).max()))):
             q = carried
         else:
@@ -126,8 +129,11 @@ def quantize_weights(cfg: ModelConfig, state_dict: dict, precision: str, *, bloc
     params = sum(q.codes.size for q in out.values())
     nbytes = sum(q.packed_codes().nbytes + q.scales.nbytes + q.packed_zero_points().nbytes
                  + (q.offsets.nbytes if q.offsets is not None else 0) for q in out.values())
+    widths = {}
+    for q in out.values():
+        widths[str(q.bits)] = widths.get(str(q.bits), 0) + 1
     record = {"precision": precision, "bits": bits, "head_bits": 8, "block_size": block_size, "offsets": offsets,
-              "tensors": len(out), "sources": sources, "quantized_params": int(params),
+              "tensors": len(out), "sources": sources, "tensors_by_bits": widths, "quantized_params": int(params),
               "quantized_bytes": int(nbytes), "seconds": round(time.perf_counter() - t0, 2)}
     return out, record
 
@@ -158,20 +164,27 @@ _GGUF_LLAMA_NAMES = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v":
                      "ffn_down": "mlp.down_proj"}
 
 
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # what MatMulNBits expresses exactly
+
+
 def gguf_blocks(path: str, cfg: ModelConfig) -> dict[str, BlockQuantized]:
-    """The GGUF file's own Q4_0/Q4_1/Q8_0 blocks under canonical names (LLaMA layout), rows in the order
-    transformers' loader gives them (it un-permutes Q and K for RoPE)."""
+    """The GGUF file's own blocks under canonical names, as MatMulNBits blocks that reproduce them exactly:
+    Q4_0/Q4_1/Q4_K at 4 bits (K-quants by their 32-wide sub-blocks, scale and minimum each), Q5_0/Q5_K/Q8_0
+    at 8 bits with block 32, Q6_K at 8 bits with block 16. Rows in the order transformers' loader gives them
+    (it un-permutes LLaMA's Q and K for RoPE; Qwen2 files are not permuted)."""
     from gguf import GGUFReader
 
-    if cfg.family != "llama":
+    if cfg.family not in ("llama", "qwen2"):
         return {}
     out = {}
     for t in GGUFReader(path).tensors:
         name = _canonical_gguf_name(t.name, cfg)
-        if name is None or t.tensor_type.name not in ("Q4_0", "Q4_1", "Q8_0"):
+        if name is None or t.tensor_type.name not in GGUF_TYPES:
             continue
         q = _decode_blocks(np.asarray(t.data), t.tensor_type.name)
-        if name.endswith("q_proj.weight"):
+        if cfg.family != "llama":
+            pass
+        elif name.endswith("q_proj.weight"):
             q = _permute_rows(q, _unpermute_order(q.shape[0], cfg.num_heads))
         elif name.endswith("k_proj.weight"):
             q = _permute_rows(q, _unpermute_order(q.shape[0], cfg.num_kv_heads))
@@ -191,7 +204,17 @@ def _canonical_gguf_name(name: str, cfg: ModelConfig) -> str | None:
 
 
 def _decode_blocks(data: np.ndarray, qtype: str) -> BlockQuantized:
+    if qtype in _K_QUANTS:
+        return _K_QUANTS[qtype](data)
     rows = data.shape[0]
+    if qtype == "Q5_0":  # {fp16 d; uint32 qh; q[16]}: w = d*(q-16), q 5-bit: 8-bit codes
+        blk = data.reshape(rows, -1, 22)
+        d = _f16(blk[..., 0:2])
+        high = np.unpackbits(blk[..., 2:6], axis=-1, bitorder="little")  # (rows, blocks, 32): bit j of qh
+        low = np.concatenate([blk[..., 6:] & 0x0F, blk[..., 6:] >> 4], axis=-1)
+        q = low | (high << 4)
+        return BlockQuantized(8, 32, q.reshape(rows, -1).astype(np.uint8), d, np.full(d.shape, 16, np.uint8),
+                              None, "gguf:Q5_0")
     if qtype == "Q8_0":  # {fp16 d; int8 q[32]}: w = d*q
         blk = data.reshape(rows, -1, 34)
         d = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
@@ -211,6 +234,72 @@ def _decode_blocks(data: np.ndarray, qtype: str) -> BlockQuantized:
     zp = np.clip(np.round(-m / safe), 0, 15)
     return BlockQuantized(4, 32, q.reshape(rows, -1).astype(np.uint8), d, zp.astype(np.uint8),
                           (m + d * zp).astype(np.float32), "gguf:Q4_1")
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """(..., 2) bytes -> (...) float32, little-endian fp16."""
+    return raw.copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and minimums packed in a K-quant super-block's 12 bytes (llama.cpp's layout)."""
+    d, m, m_d = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _with_minimum(bits: int, block: int, q: np.ndarray, scale: np.ndarray, minimum: np.ndarray,
+                  source: str) -> BlockQuantized:
+    """Blocks of w = scale*q - minimum as MatMulNBits' scale*(q - zero_point) + our offset (Q4_1's form)."""
+    rows = q.shape[0]
+    scale, minimum = scale.reshape(rows, -1), minimum.reshape(rows, -1)
+    safe = np.where(scale != 0, scale, 1.0)
+    zp = np.clip(np.round(minimum / safe), 0, (1 << bits) - 1)
+    return BlockQuantized(bits, block, q.reshape(rows, -1).astype(np.uint8), scale.astype(np.float32),
+                          zp.astype(np.uint8), (scale * zp - minimum).astype(np.float32), source)
+
+
+def _q4_k(data: np.ndarray) -> BlockQuantized:
+    """{fp16 d; fp16 dmin; scales[12]; q[128]} per 256: eight sub-blocks of 32, w = d*sc*q - dmin*m."""
+    rows = data.shape[0]
+    blk = data.reshape(rows, -1, 144)
+    d, dmin = _f16(blk[..., 0:2])[..., None], _f16(blk[..., 2:4])[..., None]
+    sc, mn = _scale_min_k4(blk[..., 4:16])
+    qs = blk[..., 16:].reshape(rows, -1, 4, 32)  # byte i of group g: sub-block 2g (low nibble), 2g+1 (high)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(rows, -1, 8, 32)
+    return _with_minimum(4, 32, q, d * sc, dmin * mn, "gguf:Q4_K")
+
+
+def _q5_k(data: np.ndarray) -> BlockQuantized:
+    """{fp16 d; fp16 dmin; scales[12]; qh[32]; q[128]} per 256: as Q4_K with a fifth bit: 8-bit codes."""
+    rows = data.shape[0]
+    blk = data.reshape(rows, -1, 176)
+    d, dmin = _f16(blk[..., 0:2])[..., None], _f16(blk[..., 2:4])[..., None]
+    sc, mn = _scale_min_k4(blk[..., 4:16])
+    qs = blk[..., 48:].reshape(rows, -1, 4, 32)
+    low = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(rows, -1, 8, 32)
+    qh = blk[..., 16:48].reshape(rows, -1, 1, 32)
+    high = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1  # bit s of byte i: sub-block s
+    return _with_minimum(8, 32, low | (high << 4), d * sc, dmin * mn, "gguf:Q5_K")
+
+
+def _q6_k(data: np.ndarray) -> BlockQuantized:
+    """{ql[128]; qh[64]; scales[16] int8; fp16 d} per 256: sixteen sub-blocks of 16, w = d*sc*(q-32)."""
+    rows = data.shape[0]
+    blk = data.reshape(rows, -1, 210)
+    n = blk.shape[1]
+    ql = blk[..., :128].reshape(rows, n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    ql = (ql & 0x0F).reshape(rows, n, 8, 32)
+    qh = blk[..., 128:192].reshape(rows, n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+    qh = (qh & 0x03).reshape(rows, n, 8, 32)
+    q = (ql | (qh << 4)).reshape(rows, n, 16, 16)  # 0..63, stored with zero point 32
+    scale = _f16(blk[..., 208:210])[..., None] * blk[..., 192:208].copy().view(np.int8).astype(np.float32)
+    return BlockQuantized(8, 16, q.reshape(rows, -1).astype(np.uint8), scale.reshape(rows, -1).astype(np.float32),
+                          np.full((rows, n * 16), 32, np.uint8), None, "gguf:Q6_K")
+
+
+_K_QUANTS = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def _unpermute_order(rows: int, heads: int) -> np.ndarray:
