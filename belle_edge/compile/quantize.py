@@ -25,7 +25,7 @@ keep it at Q8_0 too).
 The stage writes a quantized checkpoint folder (core/quantized.py), which ``belle-edge export`` reads;
 ``belle-edge quantize`` runs it alone. Details recorded: ``precision``, ``bits``, ``head_bits``,
 ``block_size``, ``offsets``, ``tensors``, ``sources`` (tensors per origin: "rtn", "gguf:Q4_1", ...),
-``quantized_params``, ``quantized_bytes``.
+``tensors_by_bits``, ``quantized_params``, ``quantized_bytes``.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class QuantizeStage:
     block_size: int = 32
 
     name = "quantize"
-    reads = "checkpoint (a GGUF file's own Q4_0/Q4_1/Q8_0 blocks are carried over)"
+    reads = "checkpoint (a GGUF file's own blocks are carried over where they reproduce its weights exactly)"
     writes = "quantized checkpoint folder: quantization.json + weights/quantized safetensors + tokenizer"
 
     def run(self, job: "Job") -> StageRecord:
@@ -187,11 +187,9 @@ def gguf_blocks(path: str, cfg: ModelConfig) -> dict[str, BlockQuantized]:
         if name is None or t.tensor_type.name not in GGUF_TYPES:
             continue
         q = _decode_blocks(np.asarray(t.data), t.tensor_type.name)
-        if cfg.family != "llama":
-            pass
-        elif name.endswith("q_proj.weight"):
+        if cfg.family == "llama" and name.endswith("q_proj.weight"):
             q = _permute_rows(q, _unpermute_order(q.shape[0], cfg.num_heads))
-        elif name.endswith("k_proj.weight"):
+        elif cfg.family == "llama" and name.endswith("k_proj.weight"):
             q = _permute_rows(q, _unpermute_order(q.shape[0], cfg.num_kv_heads))
         out[name] = q
     return out
