@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from belle_edge.machine import cpu_name
+
 ALL_BACKENDS = ("ort-fp32", "ort-int4", "torch-fp32", "transformers-fp32", "llamacpp-f32", "llamacpp-q4")
 OPTIONAL_BACKENDS = ("ort-int8", "ort-fp16")
 USER_TURNS = [
@@ -35,7 +37,7 @@ USER_TURNS = [
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="belle-edge bench", description=__doc__.splitlines()[0])
-    p.add_argument("model", nargs="?", help="HF checkpoint directory or GGUF file (default: the bundled SmolLM2)")
+    p.add_argument("model", nargs="?", help="HF checkpoint directory, GGUF file or known model name (default: qwen2.5-0.5b)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
                    help=f"comma-separated, from {', '.join(ALL_BACKENDS + OPTIONAL_BACKENDS)}")
     p.add_argument("--gguf", help="GGUF file for the llama.cpp peers (default: the model itself if it is one)")
@@ -215,13 +217,7 @@ def _machine(threads: int) -> dict:
             t = time.perf_counter()
             list(pool.map(lambda sl: np.copyto(dst[sl], src[sl]), slices))
             best = min(best, time.perf_counter() - t)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "platform": platform.platform(), "mem_bw_gbs": round(2 * src.nbytes / best / 1e9, 1)}
 
 

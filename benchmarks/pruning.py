@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from belle_edge.core.load import load_checkpoint
+from belle_edge.default_model import DEFAULT
 from belle_edge.core.fidelity import measure
 from belle_edge.core.texts import held_out_texts
 from belle_edge.mask import MaskConfig
@@ -70,7 +71,7 @@ def run(args) -> dict:
             student = Decoder.from_state_dict(student_ckpt.config, student_ckpt.state_dict)
             fid = measure(teacher, teacher_ckpt.tokenizer, student, student_ckpt.tokenizer, texts=texts,
                           tokens=args.tokens)
-            record = {**result.record, "fidelity": fid, "teacher": {"path": "default", "source": teacher_ckpt.source}}
+            record = {**result.record, "fidelity": fid, "teacher": {"path": DEFAULT, "source": teacher_ckpt.source}}
             out = save_checkpoint(student_ckpt, os.path.join(keep_root, name), force=True, tokenizer_config=result.tokenizer_config,
                                   records={"pruning.json": record})
             size = os.path.getsize(os.path.join(out, "model.safetensors"))

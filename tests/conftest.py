@@ -1,5 +1,6 @@
 """Shared fixtures: a byte-level BPE tokenizer trained here, tiny random LLaMA (GQA) and BLOOM checkpoints
-written as real Hugging Face directories, and the real default model (loaded once per test run)."""
+written as real Hugging Face directories, and the real models (SmolLM2-135M and the default Qwen2.5-0.5B,
+each loaded once per test run)."""
 from __future__ import annotations
 
 import json
@@ -136,14 +137,17 @@ def tiny_llama_model(tiny_llama_dir):
 
 
 @pytest.fixture(scope="session")
-def default_checkpoint():
+def smollm2_checkpoint():
+    """SmolLM2-135M, named: the small real model most tests use (the default model is Qwen2.5-0.5B)."""
     from belle_edge.core.load import load_checkpoint
 
-    return load_checkpoint(None)
+    return load_checkpoint("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
-def default_model(default_checkpoint):
+def smollm2_model(smollm2_checkpoint):
     from belle_edge.api import torch_chat_model
+    from belle_edge.known_models import MODELS
 
-    return torch_chat_model(default_checkpoint, name="default")
+    return torch_chat_model(smollm2_checkpoint, name=MODELS["smollm2-135m"].title)
+

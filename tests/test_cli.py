@@ -131,12 +131,37 @@ def test_interactive_chat_commands_and_ctrl_c(tiny_llama_dir, tmp_path):
         proc.kill()
 
 
+def _has_chinese(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
 @pytest.mark.slow
-def test_demo_runs_the_scripted_dialogue_on_the_default_model(default_checkpoint):
-    # default_checkpoint: the conversion is already in this run's cache, so the demo loads it quickly
-    result = run("demo", "--json", "--max-new-tokens", "12")
+def test_demo_compiles_the_default_model_once_and_holds_a_chinese_dialogue():
+    """The product path a new user sees: Qwen2.5-0.5B compiled for this CPU (int8 here, to keep the test to one
+    compile; plain `demo` measures int8 against int4), then the customer-service script on ONNX Runtime."""
+    from belle_edge.known_models import MODELS
+
+    if MODELS["qwen2.5-0.5b"].path() is None:
+        pytest.skip("Qwen2.5-0.5B is not fetched here: belle-edge fetch-model qwen2.5-0.5b (make does it)")
+    result = run("demo", "--json", "--precision", "int8", "--max-new-tokens", "24", timeout=900)
     assert result.returncode == 0, result.stderr
+    assert "compiling qwen2.5-0.5b for this CPU at int8" in result.stderr
     doc = json.loads(result.stdout)
-    assert len(doc["turns"]) == 6 and doc["model"].startswith("SmolLM2-135M-Instruct")
+    assert doc["model"].startswith("Qwen2.5-Coder-0.5B-Instruct") and doc["model"].endswith("[cpu/int8]")
+    assert doc["backend"] == "onnxruntime" and len(doc["turns"]) == 6
     assert all(t["ttft_ms"] > 0 and t["kv_tokens"] > 0 for t in doc["turns"])
-    assert any("\u4e00" <= ch <= "\u9fff" for t in doc["turns"] for ch in t["user"])
+    chinese = [t for t in doc["turns"] if _has_chinese(t["user"])]
+    assert len(chinese) == 5 and all(_has_chinese(t["reply"]) for t in chinese), doc["turns"]
+    again = run("demo", "--json", "--precision", "int8", "--max-new-tokens", "4")  # cached: no second compile
+    assert again.returncode == 0 and "compiling" not in again.stderr, again.stderr
+
+
+def test_demo_refuses_a_bad_script_before_compiling(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n", encoding="utf-8")
+    assert_one_line_error(run("demo", "--script", str(empty)), "the dialogue script has no messages")
+
+
+def test_demo_precision_is_for_the_default_model_only(tiny_llama_dir):
+    assert_one_line_error(run("demo", tiny_llama_dir, "--precision", "int4"),
+                          "--precision applies to the default model's artifact")

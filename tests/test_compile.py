@@ -99,7 +99,7 @@ def test_compile_quantized_records_its_fidelity(tmp_path, tiny_llama_dir):
     # measured on the held-out texts, English and Chinese, never on the calibration half
     from belle_edge.core.texts import held_out_texts
 
-    assert set(fidelity["texts"]) == set(held_out_texts()) == {"en:pydoc_data.topics(odd)", "zh:zh_held_out.txt"}
+    assert set(fidelity["texts"]) == set(held_out_texts()) >= {"en:pydoc_data.topics(odd)", "zh:zh_held_out.txt"}
     assert sum(t["tokens"] for t in fidelity["texts"].values()) == 128 and fidelity["reference"] == tiny_llama_dir
     assert load(out).session(max_new_tokens=4).send("你好").stats.new_tokens >= 1
 
@@ -139,9 +139,10 @@ def test_inspect_prints_the_manifest_and_verify_catches_damage(artifact, tmp_pat
 
 
 @pytest.mark.slow
-def test_the_default_model_compiles_to_int4_with_its_gguf_blocks(tmp_path, default_checkpoint):
+def test_smollm2_compiles_to_int4_with_its_gguf_blocks(tmp_path, smollm2_checkpoint):
     out = str(tmp_path / "smol-int4")
-    m = compile_model(CompileConfig(out=out, precision="int4", fidelity_tokens=256), progress=False)
+    m = compile_model(CompileConfig(out=out, model="smollm2-135m", precision="int4", fidelity_tokens=256),
+                      progress=False)
     stages = {s.name: s.details for s in m.stages}
     assert stages["quantize"]["sources"] == {"gguf:Q4_1": 210, "gguf:Q8_0": 1}  # carried over, not re-rounded
     assert stages["fidelity"]["top1_agreement"] >= 0.9

@@ -100,8 +100,8 @@ def test_the_default_precision_is_one_the_target_builds(tmp_path, target, precis
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["rtx3090"])
 @pytest.mark.parametrize("attention", ["plugin", "native"])
-def test_default_model_engines(tmp_path, default_checkpoint, target, attention):
-    m, build = _build(tmp_path / "art", None, target, attention)
+def test_smollm2_engines(tmp_path, smollm2_checkpoint, target, attention):
+    m, build = _build(tmp_path / "art", "smollm2-135m", target, attention)
     engine = m.runtime.engine
     assert (engine.plugin.layers if engine.plugin else 0) == (30 if attention == "plugin" else 0)
     log = (tmp_path / "art" / "build.log").read_text()

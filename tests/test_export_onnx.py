@@ -134,20 +134,20 @@ def test_a_dialogue_on_onnxruntime_matches_torch_with_eviction_and_a_context_shi
 
 
 @pytest.mark.slow
-def test_the_default_model_exports_and_matches(default_checkpoint, tmp_path):
-    cfg = default_checkpoint.config
-    record = export_onnx(cfg, default_checkpoint.state_dict, str(tmp_path))
+def test_smollm2_exports_and_matches(smollm2_checkpoint, tmp_path):
+    cfg = smollm2_checkpoint.config
+    record = export_onnx(cfg, smollm2_checkpoint.state_dict, str(tmp_path))
     assert record["bytes"] < 1.01 * 134_515_008 * 4  # the tied 49,152 x 576 embedding is stored once
-    ids = np.asarray(default_checkpoint.tokenizer.encode("The turn window keeps memory bounded. 你好！").ids)
+    ids = np.asarray(smollm2_checkpoint.tokenizer.encode("The turn window keeps memory bounded. 你好！").ids)
     t = len(ids)
     got = run_onnx_logits(make_session(str(tmp_path / "model.onnx")), cfg, ids, chunk=8)
     with torch.no_grad():
-        ref = Decoder.from_state_dict(cfg, default_checkpoint.state_dict)(
+        ref = Decoder.from_state_dict(cfg, smollm2_checkpoint.state_dict)(
             torch.from_numpy(ids)[None], np.arange(t), np.zeros(t, np.int64), MaskConfig.off())[0].numpy()
     assert np.abs(got - ref).max() < 1e-4
     # fp16: this model's logits reach ~34, where a half-precision step is 0.03, so the bound is relative
     half = tmp_path / "fp16"
-    export_onnx(cfg, default_checkpoint.state_dict, str(half), dtype="float16", flavor="ort")
+    export_onnx(cfg, smollm2_checkpoint.state_dict, str(half), dtype="float16", flavor="ort")
     got16 = run_onnx_logits(make_session(str(half / "model.onnx")), cfg, ids, chunk=8)
     assert np.abs(got16 - ref).max() < 1e-2 * np.abs(ref).max()
     assert (got16.argmax(-1) == ref.argmax(-1)).all()

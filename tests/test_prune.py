@@ -364,7 +364,7 @@ def test_compile_with_a_prune_stage(sources, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_pruned_by_the_solver_loads_in_transformers(default_checkpoint, tmp_path):
+def test_smollm2_pruned_by_the_solver_loads_in_transformers(smollm2_checkpoint, tmp_path):
     """The real model: 70% by the solver's mix (vocabulary + depth + width) on the real tokenizer."""
     from transformers import AutoModelForCausalLM
 
@@ -374,8 +374,8 @@ def test_default_model_pruned_by_the_solver_loads_in_transformers(default_checkp
     from belle_edge.compile.prune.prune import PruneRequest, prune_checkpoint
     from belle_edge.core.save import save_checkpoint
 
-    result = prune_checkpoint(default_checkpoint, PruneRequest(ratio=0.7, calibration_tokens=512), log=lambda _: None)
-    assert abs(result.plan.deviation) <= 0.02 and result.plan.shape.vocab < default_checkpoint.config.vocab_size
+    result = prune_checkpoint(smollm2_checkpoint, PruneRequest(ratio=0.7, calibration_tokens=512), log=lambda _: None)
+    assert abs(result.plan.deviation) <= 0.02 and result.plan.shape.vocab < smollm2_checkpoint.config.vocab_size
     out = save_checkpoint(result.checkpoint, str(tmp_path / "p70"),
                           records={"pruning.json": result.record}, tokenizer_config=result.tokenizer_config)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()

@@ -22,8 +22,8 @@ def test_the_readme_has_the_two_quickstart_commands():
 
 
 @pytest.mark.slow
-def test_the_embedding_example_runs_as_written(tmp_path, default_checkpoint):
-    # default_checkpoint: the default model is already converted into this run's cache
+def test_the_embedding_example_runs_as_written(tmp_path, smollm2_checkpoint):
+    # smollm2_checkpoint: the default model is already converted into this run's cache
     (example,) = python_blocks()
     result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)

@@ -233,8 +233,8 @@ def test_bloom_sessions_use_the_belle_format_and_its_stops(tiny_bloom_dir):
 
 
 @pytest.mark.slow
-def test_the_default_model_chats_in_english_and_chinese(default_model):
-    s = default_model.session(max_new_tokens=24)
+def test_smollm2_chats_in_english_and_chinese(smollm2_model):
+    s = smollm2_model.session(max_new_tokens=24)
     first = s.send("What is the capital of France?")
     assert "Paris" in first.text and first.stats.finish_reason == "eos"
     second = s.send("请用中文说你好。")

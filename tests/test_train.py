@@ -328,7 +328,7 @@ def test_training_cli_refusals_are_one_line(llama, data_file, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("belle-edge: error:"), err
 
 
-def test_cli_data_clean_writes_output_and_report(tmp_path, capsys, default_checkpoint):
+def test_cli_data_clean_writes_output_and_report(tmp_path, capsys, smollm2_checkpoint):
     from belle_edge.cli import main
 
     raw = tmp_path / "raw.jsonl"

@@ -11,6 +11,8 @@ from ..errors import BelleEdgeError, InputError
 from .common import add_model_args, add_session_args, info
 
 DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_dialogue.txt")
+DEMO_SYSTEM = "你是“清风茶庄”网店的客服助手，回答简洁、礼貌。用户用哪种语言提问，就用哪种语言回答。"
+CANDIDATES = ("int8", "int4")  # compile/for_this_cpu.py (not imported here: it pulls in the compiler)
 
 
 def register(sub) -> None:
@@ -22,12 +24,17 @@ def register(sub) -> None:
     chat.add_argument("--restore", help="continue a session saved with /save")
     chat.set_defaults(handler=run_chat)
 
-    demo = sub.add_parser("demo", help="scripted Chinese/English dialogue with the default model, per-turn stats")
+    demo = sub.add_parser("demo", help="the product path: the default model compiled for this CPU (once, at the "
+                                       "precision that decodes fastest here), a scripted Chinese/English "
+                                       "customer-service dialogue on ONNX Runtime, per-turn stats")
     add_model_args(demo)
     add_session_args(demo)
     demo.add_argument("--json", action="store_true")
-    # a 135M model loops without a little repetition penalty; short replies keep the demo brisk
-    demo.set_defaults(max_new_tokens=80, repetition_penalty=1.1, handler=run_chat, script=DEMO_SCRIPT, restore=None)
+    demo.add_argument("--precision", choices=CANDIDATES,
+                      help="compile the default model at this precision instead of measuring which is fastest")
+    demo.add_argument("--script", default=DEMO_SCRIPT, help="the dialogue (default: belle_edge/data/demo_dialogue.txt)")
+    # short replies keep the demo brisk; a small repetition penalty stops a 0.5B model's rare loops
+    demo.set_defaults(max_new_tokens=96, repetition_penalty=1.05, handler=run_demo, restore=None, system=DEMO_SYSTEM)
 
 
 def _open_session(args):
@@ -49,6 +56,20 @@ def _open_session(args):
     session = model.session(system=args.system, window=None if args.no_window else args.window, sinks=args.sinks,
                             sampling=sampling, max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens)
     return model, session, script
+
+
+def run_demo(args) -> int:
+    """With no model named: the default model's artifact for this CPU (compiled and measured on first use)."""
+    if args.model is None:
+        from ..compile.for_this_cpu import artifact_for_this_cpu
+        from ..default_model import DEFAULT
+
+        _read_script(args.script)  # a bad script fails before a long compile
+        args.model = artifact_for_this_cpu(DEFAULT, precision=args.precision, log=info)
+    elif args.precision is not None:
+        raise InputError("--precision applies to the default model's artifact; compile a named model with "
+                         "belle-edge compile --precision")
+    return run_chat(args)
 
 
 def run_chat(args) -> int:

@@ -6,7 +6,7 @@ import sys
 
 from ..errors import InputError
 
-MODEL_HELP = "HF checkpoint directory or GGUF file (default: the bundled SmolLM2)"
+MODEL_HELP = "HF checkpoint directory, GGUF file or known model name (default: qwen2.5-0.5b)"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 
+from ..default_model import DEFAULT
 from ..errors import InputError
 from .common import MODEL_HELP, parameter_count, read_texts
 
@@ -22,7 +23,7 @@ def register(sub) -> None:
     fid = sub.add_parser("eval-fidelity", help="KL, top-1 agreement and perplexity ratio of a student to its teacher")
     fid.add_argument("student", help="checkpoint to measure (e.g. the output of belle-edge prune)")
     fid.add_argument("--teacher", help="reference checkpoint (default: the one named in the student's pruning.json; "
-                                       "'default' = the bundled model)")
+                                       "or a known model's name, e.g. qwen2.5-0.5b)")
     fid.add_argument("--tokens", type=int, default=1024, help="held-out tokens per text (default 1024)")
     fid.add_argument("--text", action="append", help="a UTF-8 text file to evaluate on (repeatable; default: "
                                                       "held-out English pydoc topics and a Chinese fixture)")
@@ -52,7 +53,7 @@ def prune_request(args, *, dry_run: bool = False):
 
     calibration = read_texts(args.calibration, "--calibration")
     return PruneRequest(target_params=args.target_params, ratio=args.ratio, mode=args.mode, calibration=calibration,
-                        calibration_name=", ".join(args.calibration) if calibration else PruneRequest.calibration_name,
+                        calibration_name=", ".join(args.calibration) if calibration else None,
                         calibration_tokens=args.calibration_tokens,
                         vocab_corpus=read_texts(args.vocab_corpus, "--vocab-corpus"), dry_run=dry_run)
 
@@ -70,7 +71,7 @@ def run_prune(args) -> int:
     ckpt = load_checkpoint(args.model, allow_pickle=args.allow_pickle)
     if args.out and os.path.realpath(args.out) == os.path.realpath(ckpt.source):
         raise InputError(f"{args.out}: is the model being pruned; --out must be another folder")
-    result, record = prune_to_folder(ckpt, request, args.out, teacher="default" if args.model is None else ckpt.source,
+    result, record = prune_to_folder(ckpt, request, args.out, teacher=DEFAULT if args.model is None else ckpt.source,
                                      force=args.force, log=print)  # the plan is the result: stdout
     if args.dry_run:
         return 0

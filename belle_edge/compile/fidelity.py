@@ -59,8 +59,9 @@ def measure_fidelity(ckpt, onnx_path: str, *, tokens: int = 512, chunk: int = 25
     reference = Decoder.from_state_dict(ckpt.config, ckpt.state_dict)
     session = make_session(onnx_path)
     refs, gots, per_text = [], [], {}
-    for name, text in texts.items():
-        ids = np.asarray(ckpt.tokenizer.encode(text).ids[:max(2, tokens // len(texts))], dtype=np.int64)
+    for i, (name, text) in enumerate(texts.items()):
+        share = tokens // len(texts) + (i < tokens % len(texts))  # the shares add up to ``tokens``
+        ids = np.asarray(ckpt.tokenizer.encode(text).ids[:max(2, share)], dtype=np.int64)
         with torch.no_grad():
             ref = reference(torch.from_numpy(ids)[None], np.arange(len(ids)), np.zeros(len(ids), dtype=np.int64),
                             MaskConfig.off())[0].numpy()

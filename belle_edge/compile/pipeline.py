@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ..core.folders import staged_folder
 from ..core.quantized import is_quantized_checkpoint, quantized_precision
 from ..core.stage import Stage, run_stages
+from ..default_model import DEFAULT
 from ..errors import InputError
 from ..manifest import Manifest
 from ..targets import MemoryBudget, check_precision, get_target
@@ -86,7 +87,7 @@ def plan_stages(config: CompileConfig) -> list[Stage]:
     stages: list[Stage] = [LoadStage(config.model, config.allow_pickle, config.chat_format,
                                      budget=None if config.prune else budget)]
     if config.prune is not None:
-        teacher = "default" if config.model is None else os.path.abspath(config.model)
+        teacher = DEFAULT if config.model is None else os.path.abspath(config.model)
         stages.append(PruneStage(config.prune, teacher, budget))
     if config.precision in PRECISION_BITS and not _quantized_input(config):
         stages.append(QuantizeStage(config.precision, config.block_size))

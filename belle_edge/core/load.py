@@ -87,7 +87,7 @@ def pruning_record(path: str) -> dict | None:
 
 
 def teacher_of(student: str) -> str:
-    """The unpruned model a pruned checkpoint names in its ``pruning.json``: "default" or a path (what
+    """The unpruned model a pruned checkpoint names in its ``pruning.json``: a known model's name or a path (what
     eval-fidelity compares with and distillation learns from)."""
     record = pruning_record(student)
     if record is None:
@@ -99,5 +99,8 @@ def teacher_of(student: str) -> str:
 
 
 def load_named(name: str) -> Checkpoint:
-    """A checkpoint as a record names it: "default" is the default model."""
-    return load_checkpoint(None if name == "default" else name)
+    """A checkpoint as a record names it: a path or a known model's name; "default" (records written before
+    the default model changed) was SmolLM2."""
+    from ..default_model import LEGACY_DEFAULT
+
+    return load_checkpoint(LEGACY_DEFAULT if name == "default" else name)

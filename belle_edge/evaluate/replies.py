@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..default_model import DEFAULT
 from ..mask import MaskConfig
 
 
@@ -62,7 +63,7 @@ def run_eval(model_path: str | None, data_path: str, *, teacher: str | None = No
         refs.append(d.turns[k - 1].assistant)
         if len(samples) < 3:
             samples.append({"user": d.turns[k - 1].user, "reference": refs[-1], "reply": reply})
-    result = {"model": model_path or "default", "data": data_path, "dialogues": len(dialogues),
+    result = {"model": model_path or DEFAULT, "data": data_path, "dialogues": len(dialogues),
               "decoding": {"greedy": True, "max_new_tokens": max_new_tokens, "window": window, "sinks": sinks},
               "replies": generation_metrics(hyps, refs),
               "assistant_perplexity": reply_perplexity(model, ckpt.tokenizer, ckpt.chat_format, dialogues, mask),

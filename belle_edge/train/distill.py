@@ -111,11 +111,11 @@ def distill_rows(student_ckpt, data: list[str] | None, config: TrainConfig) -> t
     """Rows to distill on, in the student's tokens: text files and BELLE .jsonl dialogues, or the calibration
     text pruning used; and how the record names them."""
     from ..core.dialogues import read_dialogues
-    from ..core.texts import calibration_texts
+    from ..core.texts import calibration_description, calibration_texts
 
     if not data:
         rows = text_rows(student_ckpt.tokenizer, calibration_texts(), config.max_len)
-        return sample_rows(rows, config), "calibration text (pydoc_data.topics even topics + zh_calibration.txt)"
+        return sample_rows(rows, config), "calibration text: " + calibration_description()
     texts, dialogues = [], []
     for path in data:
         if path.endswith(".jsonl"):

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from ..default_model import DEFAULT
 from ..errors import InputError
 from ..mask import MaskConfig
 from ..core.rows import ReplyLoss, encode_dialogue, pack
@@ -89,7 +90,7 @@ def run_sft(model_path: str | None, data_path: str, out: str, config: TrainConfi
         f"of <= {config.max_len} tokens; {len(held)} held out; {too_long} dropped as longer than max_len")
     result = train(model, rows, ReplyLoss(mask_of(config)), config, out, resume=resume, progress=progress, log=log)
     model.save_pretrained(os.path.join(out, "adapter"))
-    record = {"kind": "sft-lora", "base": {"path": model_path or "default", "source": ckpt.source},
+    record = {"kind": "sft-lora", "base": {"path": model_path or DEFAULT, "source": ckpt.source},
               "data": {"path": os.path.abspath(data_path), "dialogues": len(dialogues), "train": len(train_set),
                        "held_out": len(held), "dropped_too_long": too_long, "rows": len(rows),
                        "target_tokens": sum(ReplyLoss.count(r) for r in rows)},
@@ -124,7 +125,7 @@ def run_merge(run: str, out: str, *, base: str | None = None, force: bool = Fals
     merged = model.merge_and_unload()
     ckpt = ckpt.replace(state_dict={k: v.detach().clone() for k, v in merged.state_dict().items()})
     records = {RECORD: {**record, "merged_from": os.path.abspath(run)}}
-    pruning = pruning_record(base) if base != "default" and os.path.isdir(base) else None
+    pruning = pruning_record(base) if os.path.isdir(base) else None
     if pruning is not None:  # a fine-tuned pruned model keeps its pruning record
         records[PRUNING_RECORD] = pruning
     return save_checkpoint(ckpt, out, records=records, force=force)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import InputError
-from ...core.texts import calibration_texts
+from ...core.texts import calibration_description, calibration_texts
 from .calibration import Stats, calibration_ids, collect_stats
 from .plan import MODES, TOLERANCE, Plan, count_params, render, solve
 from .slicing import Selection, slice_model
@@ -25,7 +25,7 @@ class PruneRequest:
     ratio: float | None = None               # of the source's parameters; exactly one of the two
     mode: str = "mix"                        # mix | width | depth
     calibration: tuple[str, ...] | None = None   # texts; None: the default English + Chinese calibration text
-    calibration_name: str = "default (pydoc_data.topics even topics + zh_calibration.txt)"
+    calibration_name: str | None = None  # None: the default texts, named by core/texts.py
     calibration_tokens: int = 4096
     vocab_corpus: tuple[str, ...] | None = None  # mix: the tokens to keep come from here (default: calibration)
     multiple_of: int = 8                     # hidden and MLP widths, where the target allows
@@ -73,7 +73,7 @@ def prune_checkpoint(ckpt, req: PruneRequest, *, log=print) -> PruneResult:
     plan, sel = candidates[scores.index(min(scores)) if scores else 0]
     _log_plan(log, plan, sel, candidates, scores, trim)
     record = {"plan": plan.to_dict(), "layers_kept": sel.layers,
-              "calibration": {"text": req.calibration_name, "tokens": stats.tokens},
+              "calibration": {"text": req.calibration_name or calibration_description(), "tokens": stats.tokens},
               "block_influence": [round(b, 5) for b in stats.block_influence],
               "vocabulary": None if trim is None else {"kept": len(trim.old_ids), "source": ckpt.config.vocab_size},
               "candidates": [{"layers": p.shape.layers, "params": p.params_after, "calibration_kl": s}

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def prune_to_folder(ckpt: Checkpoint, request: PruneRequest, out: str | None, *, teacher: str,
                     force: bool = False, log: Callable[[str], None] = print) -> tuple[PruneResult, dict]:
     """Prune ``ckpt`` and write the result to ``out`` (not for a dry run); ``teacher`` is how later tools
-    find the unpruned model again ("default" or its path). Returns the result, whose checkpoint now reads
+    find the unpruned model again (a known model's name or its path). Returns the result, whose checkpoint now reads
     from ``out``, and the record written to ``pruning.json``."""
     from ...models.decoder import Decoder
 
@@ -52,7 +52,7 @@ def prune_to_folder(ckpt: Checkpoint, request: PruneRequest, out: str | None, *,
 @dataclass(frozen=True)
 class PruneStage:
     request: PruneRequest
-    teacher: str  # "default" or the source's path, as pruning.json records it
+    teacher: str  # a known model's name or the source's path, as pruning.json records it
     budget: MemoryBudget | None = None
 
     name = "prune"
