@@ -3,13 +3,14 @@ same model, same token ids, variants interleaved run by run (these machines are 
 
 Variants (``--backends``): ``ort-fp32``, ``ort-int8``, ``ort-int4`` (belle_edge artifacts on ONNX
 Runtime), ``torch-fp32`` (belle_edge's torch backend), ``transformers-fp32`` (``generate``),
-``llamacpp-f32`` and ``llamacpp-q4`` (llama-cpp-python on the GGUF file; the default model's own Q4_1
+``llamacpp-f32`` and ``llamacpp-q4`` (llama-cpp-python on the GGUF file; the default model's own Q4_K_M
 file, and an F32 GGUF written from it). A peer that is not installed or has no weights is skipped with the
 reason, never faked.
 
 Figures per variant: time to first token, prefill tokens/s, decode tokens/s, peak RSS of its own process,
-weight bytes read per token, and the roofline share: decode tok/s x weight bytes / measured memory
-bandwidth (a large ``numpy`` copy, bytes read + written per second).
+weight bytes read per token (all weights but an untied input embedding, of which a step reads one row),
+and the roofline share: decode tok/s x those bytes / measured memory bandwidth (a large ``numpy`` copy,
+bytes read + written per second).
 ``--turns N`` adds a dialogue of N turns and reports each turn.
 """
 from __future__ import annotations
@@ -25,8 +26,8 @@ import time
 
 from belle_edge.machine import cpu_name
 
-ALL_BACKENDS = ("ort-fp32", "ort-int4", "torch-fp32", "transformers-fp32", "llamacpp-f32", "llamacpp-q4")
-OPTIONAL_BACKENDS = ("ort-int8", "ort-fp16")
+ALL_BACKENDS = ("ort-fp32", "ort-int8", "ort-int4", "torch-fp32", "transformers-fp32", "llamacpp-f32", "llamacpp-q4")
+OPTIONAL_BACKENDS = ("ort-fp16",)
 USER_TURNS = [
     "你好！我想查询一下我的订单。", "Hello! Can you help me track my order?", "订单号是 20261126001。",
     "When will it arrive?", "可以帮我改一下收货地址吗？", "What is your return policy?",
@@ -142,7 +143,7 @@ def _prepare(args, backends) -> dict:
                 skipped.append({"backend": name, "reason": "no GGUF file for this model (pass --gguf)"})
                 continue
             path = gguf if precision == "q4" else _f32_gguf(gguf, cache)
-            specs[name] = {**common, "kind": "llama.cpp", "gguf": path, "weight_bytes": os.path.getsize(path)}
+            specs[name] = {**common, "kind": "llama.cpp", "gguf": path, "weight_bytes": _gguf_weight_bytes(path)}
     return {"ckpt_name": ckpt.source, "prompt_ids": prompt_ids, "specs": specs, "skipped": skipped}
 
 
@@ -161,12 +162,44 @@ def _turns(n: int) -> list[str]:
     return [USER_TURNS[i % len(USER_TURNS)] for i in range(n)]
 
 
+# Bytes read per decoded token: every weight once, except an untied input embedding, of which a step reads
+# one row (Qwen2.5-0.5B's is 136M of its 630M parameters). A tied one is read whole by the LM head.
+
 def _artifact_weight_bytes(artifact: str) -> int:
-    return os.path.getsize(os.path.join(artifact, "model.onnx.data"))
+    """model.onnx.data less the initializers only the input embedding's lookup reads."""
+    import onnx
+
+    model = onnx.load(os.path.join(artifact, "model.onnx"), load_external_data=False)
+    nodes, initializers = list(model.graph.node), {t.name for t in model.graph.initializer}
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+    chain = {i for i, n in enumerate(nodes) if n.op_type in ("Gather", "GatherBlockQuantized") and "input_ids" in n.input}
+    frontier, reached = [x for i in chain for x in nodes[i].input if x != "input_ids"], set()
+    while frontier:  # back from the lookup through what prepares its table (a Reshape of the codes, ...)
+        x = frontier.pop()
+        if x in initializers:
+            reached.add(x)
+        elif x in producer and producer[x] not in chain:
+            chain.add(producer[x])
+            frontier += list(nodes[producer[x]].input)
+    used_elsewhere = {x for i, n in enumerate(nodes) if i not in chain for x in n.input}
+    only_lookup = reached - used_elsewhere
+    skipped = sum(int(e.value) for t in model.graph.initializer if t.name in only_lookup
+                  for e in t.external_data if e.key == "length")
+    return os.path.getsize(os.path.join(artifact, "model.onnx.data")) - skipped
 
 
 def _param_bytes(ckpt) -> int:
-    return sum(v.numel() * 4 for k, v in ckpt.state_dict.items() if not k.endswith("slopes"))
+    untied_embed = "embed.weight" if not ckpt.config.tie_embeddings else None
+    return sum(v.numel() * 4 for k, v in ckpt.state_dict.items() if not k.endswith("slopes") and k != untied_embed)
+
+
+def _gguf_weight_bytes(path: str) -> int:
+    """The file's size less its token embedding when the file has a separate output matrix."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    untied = "output.weight" in tensors and "token_embd.weight" in tensors
+    return os.path.getsize(path) - (int(tensors["token_embd.weight"].n_bytes) if untied else 0)
 
 
 def _f32_gguf(source: str, cache: str) -> str:

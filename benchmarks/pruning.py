@@ -1,8 +1,9 @@
-"""Structured pruning of the default model (SmolLM2-135M) to 43% of its parameters (the 7B -> 3B ratio) and
-to 70%, each by width only, depth only and the solver's mix: fidelity to the unpruned model on held-out
-text, size on disk and CPU decode speed, the unpruned model measured in the same run.
+"""Structured pruning of a model (default: the default model, Qwen2.5-0.5B) to 43% of its parameters (the
+7B -> 3B ratio) and to 70%, by width only, depth only and the solver's mix (``--ratios``, ``--modes``):
+fidelity to the unpruned model on held-out text, size on disk and CPU decode speed, the unpruned model
+measured in the same run.
 
-    .venv/bin/python benchmarks/pruning.py --out benchmarks/results [--keep DIR]
+    .venv/bin/python benchmarks/pruning.py [MODEL] --out benchmarks/results [--keep DIR] [--modes mix]
 
 Writes ``pruning.json`` and ``pruning.md``. Decode speed: the canonical model on the torch backend's path
 (fp32, KV cache), 32-token prompt then ``--decode`` greedy steps, best of ``--repeats``; models are timed
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
@@ -24,7 +24,9 @@ import torch
 from belle_edge.core.load import load_checkpoint
 from belle_edge.default_model import DEFAULT
 from belle_edge.core.fidelity import measure
-from belle_edge.core.texts import held_out_texts
+from belle_edge.core.texts import calibration_description, held_out_texts
+from belle_edge.known_models import MODELS
+from belle_edge.machine import cpu_name
 from belle_edge.mask import MaskConfig
 from belle_edge.models.decoder import Decoder
 from belle_edge.compile.prune.plan import count_params
@@ -54,24 +56,24 @@ def decode_seconds_per_token(model: Decoder, steps: int, prompt: int = 32) -> fl
 
 
 def run(args) -> dict:
-    teacher_ckpt = load_checkpoint(None)
+    teacher_ckpt = load_checkpoint(args.model)
     teacher = Decoder.from_state_dict(teacher_ckpt.config, teacher_ckpt.state_dict)
     before = count_params(teacher_ckpt.config)
     texts = held_out_texts()
     keep_root = args.keep or tempfile.mkdtemp(prefix="belle_prune_")
     rows, models = [], {"unpruned": teacher}
-    for ratio in RATIOS:
-        for mode in MODES:
+    for ratio in args.ratios:
+        for mode in args.modes:
             name = f"{ratio:.2f}-{mode}"
             print(f"== {name}", flush=True)
             t0 = time.perf_counter()
-            result = prune_checkpoint(teacher_ckpt, PruneRequest(ratio=ratio, mode=mode))
+            result = prune_checkpoint(teacher_ckpt, PruneRequest(ratio=ratio, mode=mode, calibration_tokens=args.calibration_tokens))
             seconds = time.perf_counter() - t0
             student_ckpt = result.checkpoint
             student = Decoder.from_state_dict(student_ckpt.config, student_ckpt.state_dict)
             fid = measure(teacher, teacher_ckpt.tokenizer, student, student_ckpt.tokenizer, texts=texts,
                           tokens=args.tokens)
-            record = {**result.record, "fidelity": fid, "teacher": {"path": DEFAULT, "source": teacher_ckpt.source}}
+            record = {**result.record, "fidelity": fid, "teacher": {"path": args.model, "source": teacher_ckpt.source}}
             out = save_checkpoint(student_ckpt, os.path.join(keep_root, name), force=True, tokenizer_config=result.tokenizer_config,
                                   records={"pruning.json": record})
             size = os.path.getsize(os.path.join(out, "model.safetensors"))
@@ -90,9 +92,11 @@ def run(args) -> dict:
         best = min(times[row["name"]])
         row["decode_tok_s"] = round(1 / best, 1)
         row["decode_speedup"] = round(base / best, 2)
-    return {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+    title = MODELS[args.model].title if args.model in MODELS else os.path.basename(teacher_ckpt.source)
+    return {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
-            "model": "SmolLM2-135M-Instruct (default, fp32)", "params_before": before,
+            "model": f"{title}{' (default)' if args.model == DEFAULT else ''}, fp32", "params_before": before,
+            "calibration": calibration_description(), "held_out": list(texts),
             "unpruned_decode_tok_s": round(1 / base, 1), "held_out_tokens_per_text": args.tokens, "rows": rows}
 
 
@@ -122,6 +126,10 @@ def to_markdown(r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", default=DEFAULT, help=f"checkpoint or known model name (default {DEFAULT})")
+    p.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
+    p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
+    p.add_argument("--calibration-tokens", type=int, default=PruneRequest.calibration_tokens)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--keep", help="keep the pruned checkpoints here")
     p.add_argument("--tokens", type=int, default=1024)
@@ -130,10 +138,11 @@ def main() -> None:
     args = p.parse_args()
     result = run(args)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pruning.json"), "w") as f:
+    stem = "pruning" if args.model == DEFAULT else f"pruning-{os.path.basename(args.model.rstrip('/'))}"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1, ensure_ascii=False)
     md = to_markdown(result)
-    with open(os.path.join(args.out, "pruning.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
         f.write(md)
     print(md)
 

@@ -68,3 +68,29 @@ def test_a_peer_that_dies_is_skipped_with_its_signal_and_the_others_still_run(ti
     reasons = {s["backend"]: s["reason"] for s in skipped}
     assert reasons == {"transformers-fp32": "the worker exited with status 3 while loading",
                        "llamacpp-q4": "the worker died of SIGSEGV"}
+
+
+def test_bytes_read_per_token_leave_out_an_untied_input_embedding(tiny_tokenizer, tmp_path):
+    """A decode step reads one row of an untied embedding table, but all of a tied one (the LM head is it)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from benchmarks.latency import _artifact_weight_bytes, _param_bytes
+    from belle_edge.compile.pipeline import CompileConfig, compile_model
+    from belle_edge.core.load import load_checkpoint
+    from conftest import make_tiny_qwen2
+
+    for tie in (True, False):
+        src = str(tmp_path / f"qwen-tie{tie}")
+        make_tiny_qwen2(src, tiny_tokenizer, tie=tie)
+        ckpt = load_checkpoint(src)
+        embed = ckpt.state_dict["embed.weight"].numel()
+        total = sum(v.numel() for v in ckpt.state_dict.values())
+        assert _param_bytes(ckpt) == 4 * (total - (0 if tie else embed))
+        for precision in ("fp32", "int8"):
+            art = str(tmp_path / f"art-{tie}-{precision}")
+            compile_model(CompileConfig(out=art, model=src, precision=precision), progress=False)
+            data = os.path.getsize(os.path.join(art, "model.onnx.data"))
+            read = _artifact_weight_bytes(art)
+            if tie:
+                assert read == data
+            else:  # fp32: the whole fp32 table; int8: its codes, scales and zero points
+                assert data - read >= (4 * embed if precision == "fp32" else embed)
