@@ -100,6 +100,12 @@ def run(args) -> dict:
             "unpruned_decode_tok_s": round(1 / base, 1), "held_out_tokens_per_text": args.tokens, "rows": rows}
 
 
+def _label(text_name: str) -> str:
+    """"zh:peoples-daily-199801(second half)" -> "zh peoples-daily-199801": language and source."""
+    lang, _, source = text_name.partition(":")
+    return f"{lang} {source.split('(')[0].split('.')[0]}"
+
+
 def to_markdown(r: dict) -> str:
     names = list(r["rows"][0]["fidelity"])
     lines = [f"# Structured pruning of {r['model']}", "",
@@ -107,8 +113,11 @@ def to_markdown(r: dict) -> str:
              f"{r['unpruned_decode_tok_s']} tok/s. Fidelity on held-out text ({r['held_out_tokens_per_text']} tokens "
              "per text, shared vocabulary): KL(teacher || student), top-1 agreement, perplexity ratio student / "
              "teacher. No recovery training (that is distillation's job).", "",
+             f"Calibration: {r.get('calibration', 'default')}. Held out: {', '.join(r.get('held_out', names))}. "
+             "A row below its target (vs target < -2%) is a plan whose vocabulary cut alone removes more than "
+             "the budget asks: width and depth are then kept whole.", "",
              "| target | mode | params | vs target | layers | hidden | heads q/kv | MLP | vocab | fp32 MB | "
-             + " | ".join(f"{n.split(':')[0]} KL | {n.split(':')[0]} top-1 | {n.split(':')[0]} ppl x" for n in names)
+             + " | ".join(f"{_label(n)} KL | {_label(n)} top-1 | {_label(n)} ppl x" for n in names)
              + " | decode tok/s | speedup |",
              "|" + "---|" * (10 + 3 * len(names) + 2)]
     for row in r["rows"]:
