@@ -24,6 +24,20 @@ from belle_edge.machine import cpu_name
 DATA = os.path.join(os.path.dirname(__file__), "..", "belle_edge", "data", "ecommerce_held_out.jsonl")
 
 
+def per_character(row: dict, limit: int | None) -> dict:
+    """Reply perplexity per character of the reference replies: per-token perplexities of models with
+    different tokenizers do not compare (SmolLM2 spends about three byte tokens on a Chinese character,
+    Qwen2.5 often one token on a word), the total over the same characters does."""
+    import math
+
+    from belle_edge.core.dialogues import read_dialogues
+
+    chars = sum(len(t.assistant) for d in read_dialogues(DATA)[:limit] for t in d.turns)
+    p = row["assistant_perplexity"]
+    return {"reply_chars": chars,
+            "char_perplexity": round(math.exp(math.log(p["perplexity"]) * p["reply_tokens"] / chars), 3)}
+
+
 def run(args) -> dict:
     rows = []
     for name in args.models:
@@ -32,6 +46,7 @@ def run(args) -> dict:
         result = run_eval(name, DATA, max_new_tokens=args.max_new_tokens, limit=args.limit, progress=True)
         rows.append({"model": name, "title": MODELS[name].title if name in MODELS else name,
                      "seconds": round(time.perf_counter() - t0, 1), **result})
+        rows[-1]["assistant_perplexity"].update(per_character(rows[-1], args.limit))
     return {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
             "data": os.path.relpath(DATA, os.path.dirname(os.path.dirname(__file__))),
@@ -45,12 +60,16 @@ def to_markdown(r: dict) -> str:
              f"most {r['max_new_tokens']} tokens through the chat session (turn window 3, earlier turns with "
              "their reference replies as context). BLEU signature: "
              f"`{first['replies'].get('bleu_signature', '')}`.", "",
-             "| model | replies | BLEU-4 | ROUGE-L char | ROUGE-L word (jieba) | reply perplexity | seconds |",
-             "|---|---|---|---|---|---|---|"]
+             "Reply perplexity is on the reference replies' tokens, in each model's own tokens (not comparable "
+             "across tokenizers), and per character of those replies (comparable).", "",
+             "| model | replies | BLEU-4 | ROUGE-L char | ROUGE-L word (jieba) | reply tokens | perplexity per token | "
+             "perplexity per character | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        m = row["replies"]
+        m, p = row["replies"], row["assistant_perplexity"]
         lines.append(f"| {row['title']} | {m['scored']} | {m['bleu4']:.2f} | {m['rouge_l_char']:.2f} | "
-                     f"{m['rouge_l_word']:.2f} | {row['assistant_perplexity']['perplexity']:.3f} | {row['seconds']} |")
+                     f"{m['rouge_l_word']:.2f} | {p['reply_tokens']:,} | {p['perplexity']:.3f} | {p['char_perplexity']:.2f} | "
+                     f"{row['seconds']} |")
     for row in r["rows"]:
         lines += ["", f"Samples, {row['title']}:", ""]
         for s in row["samples"]:
