@@ -4,7 +4,7 @@ What ``belle-edge demo`` chats on. Decode on a CPU is bound by the bytes of weig
 which weight-only kernel of ONNX Runtime turns fewer bytes into more tokens per second depends on the
 processor (on an AMD EPYC the 8-bit kernels beat the 4-bit ones for SmolLM2; on an AVX-512/AMX Xeon they
 need not). So each candidate precision is compiled (once: artifacts are cached), a fixed greedy reply is
-timed on each, and the fastest is remembered for this processor, thread count and ONNX Runtime version in
+timed on each, the candidates taking turns run by run, and the fastest is remembered for this processor, thread count and ONNX Runtime version in
 ``<cache>/artifacts/<model>-cpu.choice.json``; a different machine measures again, from the same artifacts.
 
 fp32 is not a candidate: it reads four times the bytes of int8 per token (2.5 GB for Qwen2.5-0.5B) and
@@ -42,11 +42,9 @@ def artifact_for_this_cpu(model: str, *, precision: str | None = None, log=print
             log(f"{model}: {choice['chosen']} decodes fastest here ({_figures(choice)}; measured before, "
                 f"{choice_path})")
             return folder
-    measured = {}
-    for p in CANDIDATES:
-        folder = _compiled(model, p, log)
-        log(f"timing a {NEW_TOKENS}-token greedy reply on the {p} artifact ...")
-        measured[p] = decode_tokens_per_second(folder)
+    folders = {p: _compiled(model, p, log) for p in CANDIDATES}
+    log(f"timing a {NEW_TOKENS}-token greedy reply on the {' and '.join(CANDIDATES)} artifacts, in turn ...")
+    measured = decode_tokens_per_second(folders)
     chosen = max(measured, key=measured.get)
     choice = {"model": model, "machine": here, "decode_tok_s": measured, "chosen": chosen,
               "prompt": PROMPT, "new_tokens": NEW_TOKENS, "runs": RUNS}
@@ -55,17 +53,20 @@ def artifact_for_this_cpu(model: str, *, precision: str | None = None, log=print
     return _folder(model, chosen)
 
 
-def decode_tokens_per_second(folder: str) -> float:
-    """Median decode rate of a fixed greedy reply over :data:`RUNS` fresh sessions, after one warm-up."""
+def decode_tokens_per_second(folders: dict[str, str]) -> dict[str, float]:
+    """Median decode rate of a fixed greedy reply on each artifact, over :data:`RUNS` fresh sessions after one
+    warm-up each. The artifacts take turns run by run, so the machine's noise (2-core VMs swing 2x) falls on
+    all of them alike rather than on whichever happened to run during a busy minute."""
     from ..runtime.artifact import load_artifact
 
-    model = load_artifact(folder, backend="onnxruntime")
-    rates = []
+    models = {p: load_artifact(folder, backend="onnxruntime") for p, folder in folders.items()}
+    rates = {p: [] for p in models}
     for run in range(RUNS + 1):
-        reply = model.session(max_new_tokens=NEW_TOKENS).send(PROMPT)
-        if run:  # the first run pays for the arena's first growth
-            rates.append(reply.stats.decode_tok_s)
-    return round(statistics.median(rates), 2)
+        for p, model in models.items():
+            reply = model.session(max_new_tokens=NEW_TOKENS).send(PROMPT)
+            if run:  # the first run pays for the arena's first growth
+                rates[p].append(reply.stats.decode_tok_s)
+    return {p: round(statistics.median(r), 2) for p, r in rates.items()}
 
 
 def _compiled(model: str, precision: str, log) -> str:
