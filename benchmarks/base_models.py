@@ -24,20 +24,6 @@ from belle_edge.machine import cpu_name
 DATA = os.path.join(os.path.dirname(__file__), "..", "belle_edge", "data", "ecommerce_held_out.jsonl")
 
 
-def per_character(row: dict, limit: int | None) -> dict:
-    """Reply perplexity per character of the reference replies: per-token perplexities of models with
-    different tokenizers do not compare (SmolLM2 spends about three byte tokens on a Chinese character,
-    Qwen2.5 often one token on a word), the total over the same characters does."""
-    import math
-
-    from belle_edge.core.dialogues import read_dialogues
-
-    chars = sum(len(t.assistant) for d in read_dialogues(DATA)[:limit] for t in d.turns)
-    p = row["assistant_perplexity"]
-    return {"reply_chars": chars,
-            "char_perplexity": round(math.exp(math.log(p["perplexity"]) * p["reply_tokens"] / chars), 3)}
-
-
 def run(args) -> dict:
     rows = []
     for name in args.models:
@@ -46,7 +32,6 @@ def run(args) -> dict:
         result = run_eval(name, DATA, max_new_tokens=args.max_new_tokens, limit=args.limit, progress=True)
         rows.append({"model": name, "title": MODELS[name].title if name in MODELS else name,
                      "seconds": round(time.perf_counter() - t0, 1), **result})
-        rows[-1]["assistant_perplexity"].update(per_character(rows[-1], args.limit))
     return {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads",
             "data": os.path.relpath(DATA, os.path.dirname(os.path.dirname(__file__))),

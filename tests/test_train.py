@@ -266,7 +266,11 @@ def test_eval_scores_replies_and_perplexity(llama, data_file):
     result = run_eval(path, data_file, max_new_tokens=8, limit=3, progress=False)
     assert result["replies"]["scored"] == 6 and result["replies"]["empty_references_excluded"] == 0
     assert "tok:zh" in result["replies"]["bleu_signature"]
-    assert result["assistant_perplexity"]["perplexity"] > 1 and result["assistant_perplexity"]["reply_tokens"] > 0
+    ppl = result["assistant_perplexity"]
+    assert ppl["perplexity"] > 1 and ppl["reply_tokens"] > 0 and ppl["reply_chars"] > 0
+    # the same total loss spread over characters instead of tokens
+    assert ppl["char_perplexity"] == pytest.approx(ppl["perplexity"] ** (ppl["reply_tokens"] / ppl["reply_chars"]),
+                                                   rel=1e-2)
     assert len(result["samples"]) == 3
     with_teacher = run_eval(path, data_file, max_new_tokens=4, limit=1, progress=False, teacher=path)
     for r in with_teacher["fidelity"]["texts"].values():  # the model against itself

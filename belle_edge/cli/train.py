@@ -141,7 +141,8 @@ def run_eval_command(args) -> int:
         return 0
     print(format_metrics(result["replies"]))
     ppl = result["assistant_perplexity"]
-    print(f"perplexity on reference reply tokens: {ppl['perplexity']} ({ppl['reply_tokens']} tokens)")
+    print(f"perplexity on reference reply tokens: {ppl['perplexity']} per token ({ppl['reply_tokens']} tokens), "
+          f"{ppl['char_perplexity']} per character ({ppl['reply_chars']} characters)")
     if "fidelity" in result:
         from ..evaluate.fidelity import format_table
 

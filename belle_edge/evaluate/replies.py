@@ -5,7 +5,8 @@ own chat session (runtime/session.py) — the same decode loop, stop tokens and 
 ``Human:``), whole-character cuts and turn window as ``belle-edge chat`` — with the earlier turns and
 their reference replies fed in before it (``ChatSession.add_turn``). Greedy, at most ``max_new_tokens``.
 The replies are scored against the references (BLEU-4, ROUGE-L by character and by jieba word,
-``generation.py``). Perplexity is teacher-forced on the reference replies' tokens only. With a teacher,
+``generation.py``). Perplexity is teacher-forced on the reference replies' tokens only, reported per
+token and per character of those replies (the one that compares across tokenizers). With a teacher,
 the fidelity figures of ``fidelity.py`` are added.
 """
 from __future__ import annotations
@@ -37,7 +38,11 @@ def reply_perplexity(model, tokenizer, chat_format, dialogues, mask: MaskConfig)
             for row in rows:
                 loss, n = loss_fn(model, row)
                 total, count = total + float(loss), count + n
-    return {"perplexity": round(math.exp(total / count), 3) if count else None, "reply_tokens": count}
+    # Per token, a perplexity depends on the tokenizer (a byte-level one spends ~3 easy tokens on a Chinese
+    # character); per character of the same reference replies, models with different tokenizers compare.
+    chars = sum(len(t.assistant) for d in dialogues for t in d.turns)
+    return {"perplexity": round(math.exp(total / count), 3) if count else None, "reply_tokens": count,
+            "reply_chars": chars, "char_perplexity": round(math.exp(total / chars), 3) if chars else None}
 
 
 def run_eval(model_path: str | None, data_path: str, *, teacher: str | None = None, max_new_tokens: int = 64,
