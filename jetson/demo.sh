@@ -20,7 +20,7 @@ done
 ROOT=$(repo_root)
 VENV="$ROOT/.venv-jetson"
 
-run "$VENV/bin/belle-edge" chat "$ARTIFACT" --script "$ROOT/belle_edge/data/demo_dialogue.txt"
+run "$VENV/bin/belle-edge" demo "$ARTIFACT"   # the tea-shop script with its system prompt (cli/chat.py)
 if [ "$INTERACTIVE" -eq 1 ]; then
   run "$VENV/bin/belle-edge" chat "$ARTIFACT"
 fi

@@ -165,3 +165,14 @@ def test_demo_refuses_a_bad_script_before_compiling(tmp_path):
 def test_demo_precision_is_for_the_default_model_only(tiny_llama_dir):
     assert_one_line_error(run("demo", tiny_llama_dir, "--precision", "int4"),
                           "--precision applies to the default model's artifact")
+
+
+def test_demo_runs_its_script_on_a_named_artifact(tiny_llama_dir, tmp_path):
+    """What jetson/demo.sh runs on the device: `belle-edge demo ARTIFACT`, the tea-shop script on that artifact."""
+    art = str(tmp_path / "art")
+    assert run("compile", tiny_llama_dir, "--out", art, "--no-progress").returncode == 0
+    result = run("demo", art, "--json", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["backend"] == "onnxruntime" and len(doc["turns"]) == 6 and "compiling" not in result.stderr
+    assert doc["turns"][1]["user"] == "请问你们店里的西湖龙井茶叶还有货吗？"

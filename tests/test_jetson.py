@@ -29,7 +29,7 @@ def test_scripts_pass_shellcheck():
     ("power.sh", ["2", "--out", "res"], ["nvpmodel -m 2", "jetson_clocks", "res/power.txt"]),
     ("bench.sh", ["art", "--out", "res"], ["tegrastats --interval 500 --logfile res/tegrastats.log",
                                            "belle-edge chat art --script", "--json"]),
-    ("demo.sh", ["art", "--interactive"], ["belle-edge chat art --script", "belle-edge chat art"]),
+    ("demo.sh", ["art", "--interactive"], ["belle-edge demo art", "belle-edge chat art"]),
 ])
 def test_dry_runs_print_the_commands(script, args, expected):
     result = subprocess.run(["bash", os.path.join(JETSON, script), *args, "--dry-run"], capture_output=True,
