@@ -34,9 +34,10 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
     from .core.load import load_checkpoint
 
     ckpt = load_checkpoint(model, allow_pickle=allow_pickle, chat_format=chat_format, max_positions=max_positions)
-    from .known_models import MODELS
+    from .known_models import known_model
 
-    named = MODELS[model].title if model in MODELS and not os.path.exists(model) else None
+    known = known_model(model)
+    named = known.title if known is not None else None
     return torch_chat_model(ckpt, device=device, dtype=dtype, name=named if model is not None else "default")
 
 

@@ -79,6 +79,14 @@ MODELS = {m.name: m for m in (
 )}
 
 
+def known_model(model: str | None):
+    """The known model ``model`` names, or None: a file or folder of that name here takes precedence, so a
+    local checkpoint called ``qwen2.5-0.5b`` is never mistaken for the fetched one."""
+    if model is None or model not in MODELS or os.path.exists(os.path.expanduser(model)):
+        return None
+    return MODELS[model]
+
+
 def model_path(name: str) -> str:
     """The file of a model known by name; refuses one that is not here yet with the command that gets it."""
     model = MODELS.get(name)

@@ -101,9 +101,9 @@ def _slug(model: str) -> str:
     """A model's name in the cache: a known model by its name, a path by its folder name and a hash."""
     import hashlib
 
-    from ..known_models import MODELS
+    from ..known_models import known_model
 
-    if model in MODELS and not os.path.exists(model):
+    if known_model(model) is not None:
         return model
     path = os.path.abspath(model)
     return f"{os.path.basename(path.rstrip(os.sep))}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"

@@ -53,9 +53,7 @@ class LoadStage:
 def source_name(model: str | None, source: str) -> str:
     """For people: the title of a model known by name (or the default), else the file or folder name."""
     from ..default_model import DEFAULT
-    from ..known_models import MODELS
+    from ..known_models import known_model
 
-    name = DEFAULT if model is None else model
-    if name in MODELS and not os.path.exists(name):
-        return MODELS[name].title
-    return os.path.basename(source.rstrip("/"))
+    known = known_model(DEFAULT if model is None else model)
+    return known.title if known is not None else os.path.basename(source.rstrip("/"))

@@ -16,7 +16,7 @@ import os
 from tokenizers import Tokenizer
 
 from ..default_model import default_model_path
-from ..known_models import MODELS, model_path
+from ..known_models import known_model, model_path
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
 
@@ -59,9 +59,12 @@ def load_tokenizer(model: str | None = None) -> Tokenizer:
 def checkpoint_path(model: str | None) -> str:
     """The absolute path ``model`` names (the default model's file for None); refuses a missing one and a
     quantize stage's output with a pointer to what takes it."""
-    path = default_model_path() if model is None else os.path.abspath(os.path.expanduser(model))
-    if not os.path.exists(path) and model in MODELS:  # a model known by name (known_models.py)
+    if model is None:
+        path = default_model_path()
+    elif known_model(model) is not None:  # a model known by name (known_models.py)
         path = model_path(model)
+    else:
+        path = os.path.abspath(os.path.expanduser(model))
     if not os.path.exists(path):
         raise CheckpointError(f"{model}: no such file or directory")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, QUANTIZED_RECORD)):

@@ -9,6 +9,7 @@ for calibration, its second held out. A slice of each half is enough for every m
 """
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 
@@ -42,7 +43,10 @@ def chinese_held_out() -> str:
 NEWS_CHARS = 20_000  # of each People's Daily half: ~15k tokens, more than any measure here takes
 
 
+@functools.cache
 def _news() -> tuple[str, str] | None:
+    """The corpus's two slices, read once per process (held-out, calibration and the records' description
+    all ask; the file is 5 MB). A corpus fetched later in the same process is seen from the next one."""
     from ..corpora import corpus_halves
 
     halves = corpus_halves("peoples-daily")
