@@ -3,7 +3,8 @@
 * ``TARGETS``: the devices belle_edge compiles for (figures from DESIGN.md): compute capability, memory,
   bandwidth, precisions, and the engine builders in order of preference. ``compile`` checks precision and
   memory against it and picks the builder from it; the TensorRT runtime checks an engine against it;
-  bandwidth gives the decode roofline that ``compile`` records and the benchmarks print.
+  bandwidth gives the decode roofline that ``compile`` records and the benchmarks print. The bytes behind both
+  (weights as stored, bytes read per decoded token, KV cache) are belle_edge/footprint.py's.
 * ``BUILDERS``: what each engine builder is and which compute capabilities its engines *run* on.
   TensorRT-RTX's builder also accepts SM80, but its engines are supported only on RTX-class GPUs
   (7.5/8.6/8.9/12.x, its support matrix), so an A100 engine is TensorRT's job.
@@ -16,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import InputError
-
-GIB = 2**30
+from .footprint import GIB, KV_BYTES, footprint, format_name, formats, kv_cache_bytes, params_only_bytes
+from .models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -112,42 +113,75 @@ def check_precision(target: Target, precision: str) -> None:
                          f"({target.description}); it supports {', '.join(target.precisions)}")
 
 
-BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0 + 4 / 32, "int4": 0.5 + 4 / 32}
-KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 2, "int8": 2, "int4": 2}  # the cache stays in half precision
+# how much smaller a precision stores a weight than another: only to name the precisions that would shrink a
+# model that does not fit (the arithmetic itself is footprint.py's)
+_SIZE_RANK = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
 
-def check_memory(target: Target, precision: str, *, params: int, layers: int, kv_heads: int, head_dim: int,
-                 kv_tokens: int) -> dict:
-    """Refuse a model whose weights + KV cache exceed the target's memory; returns the arithmetic, with the
-    decode roofline at the target's bandwidth (weights read once per token)."""
-    weights = params * BYTES_PER_WEIGHT[precision]
-    kv = kv_tokens * layers * 2 * kv_heads * head_dim * KV_BYTES[precision]
+def memory_record(target: Target, precision: str, *, kv_tokens: int, config: ModelConfig | None = None,
+                  params: int | None = None, layers: int | None = None, kv_heads: int | None = None,
+                  head_dim: int | None = None, head: str = "fp16", block_size: int = 32) -> dict:
+    """The arithmetic of weights + KV cache against the target's memory, with the bytes one decode step reads and
+    the decode roofline at the target's bandwidth; ``fits`` says whether it fits (always, where the target has
+    no fixed memory: the CPU) and ``refusal`` why not, in one line.
+
+    With ``config`` the weights are the bytes of the formats the compiler stores (footprint.py) and the shape
+    comes from it. Without one, ``params``, ``layers``, ``kv_heads`` and ``head_dim`` describe the model and
+    every parameter counts as a linear weight in the precision's format (no per-row scales, no fp16 head)."""
+    if config is not None:
+        fp = footprint(config, target, precision, head=head, block_size=block_size)
+        params, weights, read, fmt = fp.parameters, fp.weights_bytes, fp.read_per_token_bytes, fp.describe()
+        kv = kv_cache_bytes(config, precision, kv_tokens)
+        layers, kv_heads, head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+    else:
+        weights = read = params_only_bytes(params, target, precision, block_size=block_size)
+        fmt = f"{format_name(formats(target.gpu, precision)['linears'], block_size)} (parameter count only)"
+        kv = kv_tokens * layers * 2 * kv_heads * head_dim * KV_BYTES[precision]
     need = weights + kv
-    roofline = target.roofline_tok_s(weights)
-    record = {"weights_gib": round(weights / GIB, 3), "kv_cache_gib": round(kv / GIB, 3),
+    roofline = target.roofline_tok_s(read)
+    fits = not target.memory_gb or need <= target.memory_gb * GIB
+    record = {"parameters": int(params), "weights_gib": round(weights / GIB, 3), "weights_format": fmt,
+              "read_per_token_gb": round(read / 1e9, 3), "kv_cache_gib": round(kv / GIB, 3),
               "total_gib": round(need / GIB, 3), "target_gib": target.memory_gb, "kv_tokens": kv_tokens,
-              "decode_roofline_tok_s": None if roofline is None else round(roofline, 1)}
-    if target.memory_gb and need > target.memory_gb * GIB:
-        raise InputError(
-            f"the model does not fit {target.name} ({target.memory_gb:g} GiB): weights {params:,} x "
-            f"{BYTES_PER_WEIGHT[precision]:g} B = {weights / GIB:.2f} GiB + KV cache {kv_tokens} tokens x {layers} "
-            f"layers x 2 x {kv_heads} heads x {head_dim} x {KV_BYTES[precision]} B = {kv / GIB:.2f} GiB = "
-            f"{need / GIB:.2f} GiB; prune it, quantize further, or lower --max-kv-tokens")
+              "decode_roofline_tok_s": None if roofline is None else round(roofline, 1), "fits": fits}
+    if not fits:
+        smaller = [p for p in target.precisions if _SIZE_RANK[p] < _SIZE_RANK[precision]]
+        quantize = f"quantize further (--precision {' or '.join(smaller)}), " if smaller else ""
+        record["refusal"] = (
+            f"the model does not fit {target.name} ({target.memory_gb:g} GiB): weights {params:,} parameters as "
+            f"{fmt} = {weights / GIB:.2f} GiB + KV cache {kv_tokens} tokens x {layers} layers x 2 x {kv_heads} heads "
+            f"x {head_dim} x {KV_BYTES[precision]} B = {kv / GIB:.2f} GiB = {need / GIB:.2f} GiB > "
+            f"{target.memory_gb:g} GiB; prune it, {quantize}or lower --max-kv-tokens")
+    return record
+
+
+def check_memory(target: Target, precision: str, **model) -> dict:
+    """Refuse a model whose weights + KV cache exceed the target's memory (one line with the arithmetic);
+    returns :func:`memory_record`'s record. ``model``: its keyword arguments."""
+    record = memory_record(target, precision, **model)
+    if not record["fits"]:
+        raise InputError(record["refusal"])
     return record
 
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """A model must fit ``target`` at ``precision`` with a KV cache of ``max_kv_tokens`` (or its positions)."""
+    """A model must fit ``target`` at ``precision`` with a KV cache of ``max_kv_tokens`` (or its positions);
+    ``head`` (GPU: "fp16" | "int8") and ``block_size`` (CPU blocks) pick the stored formats (footprint.py)."""
     target: Target
     precision: str
     max_kv_tokens: int
+    head: str = "fp16"
+    block_size: int = 32
 
-    def check(self, config, params: int) -> dict:
-        """``config``: a models.ModelConfig. Refuses with the arithmetic; returns it (+ ``parameters``)."""
-        return {"parameters": int(params), **check_memory(
-            self.target, self.precision, params=params, layers=config.num_layers, kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, kv_tokens=min(self.max_kv_tokens, config.max_positions))}
+    def check(self, config: ModelConfig, params: int | None = None) -> dict:
+        """Refuses with the arithmetic; returns it. ``params``: the checkpoint's own count, recorded as
+        ``parameters`` (the bytes come from ``config``'s shapes)."""
+        record = check_memory(self.target, self.precision, config=config, head=self.head, block_size=self.block_size,
+                              kv_tokens=min(self.max_kv_tokens, config.max_positions))
+        if params is not None:
+            record["parameters"] = int(params)
+        return record
 
 
 # ------------------------------------------------------------------------------------------- our kernels

@@ -21,5 +21,12 @@ if [ -f "$ROOT/kernels/CMakeLists.txt" ]; then
 else
   echo "note: kernels/CMakeLists.txt not found; only --attention native artifacts can run without it"
 fi
+# weight-only int8/int4 artifacts: model.onnx carries INT8/INT4 initializers + DequantizeLinear -> MatMul,
+# which TensorRT's parser takes from 10.0 on (JetPack 6: 10.3); say so, and check it before the long build
+PRECISION=$(sed -n 's/.*"precision": *"\([a-z0-9]*\)".*/\1/p' "$ARTIFACT/manifest.json" 2>/dev/null | head -n 1)
+if [ "$PRECISION" = int4 ] || [ "$PRECISION" = int8 ]; then
+  echo "weights: $PRECISION weight-only (model.onnx: DequantizeLinear -> MatMul, fused by TensorRT's parser)"
+  run "$VENV/bin/python" -c "import sys, tensorrt; v = tensorrt.__version__; sys.exit(0 if int(v.split('.')[0]) >= 10 else f'TensorRT {v}: weight-only $PRECISION needs 10.0 or newer')"
+fi
 run "$VENV/bin/belle-edge" build-engine "$ARTIFACT" --tensorrt tensorrt
 run "$VENV/bin/belle-edge" inspect "$ARTIFACT"

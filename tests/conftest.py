@@ -57,13 +57,14 @@ def _write_tokenizer(path, tokenizer, *, chat_template: str | None, eos: str):
         json.dump(cfg, f)
 
 
-def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=512, tie=False, chat_template=CHATML, seed=0):
+def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=512, tie=False, chat_template=CHATML, seed=0,
+                    hidden=64, intermediate=128):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     eos = tokenizer.token_to_id("<|im_end|>")
-    cfg = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+    cfg = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=max_positions, tie_word_embeddings=tie, eos_token_id=eos,
                       bos_token_id=tokenizer.token_to_id("<|im_start|>"), rope_theta=10000.0)
@@ -74,13 +75,14 @@ def make_tiny_llama(path, tokenizer, *, layers=2, max_positions=512, tie=False, 
 
 
 def make_tiny_qwen2(path, tokenizer, *, layers=2, max_positions=512, tie=True, heads=4, kv_heads=2, head_dim=16,
-                    seed=0):
+                    seed=0, intermediate=96):
     """Qwen2's traits at a tiny size: q/k/v biases (none on o_proj), a tied head, RoPE base 1e6, ChatML."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=heads * head_dim, intermediate_size=96,
+    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), hidden_size=heads * head_dim,
+                      intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=max_positions, tie_word_embeddings=tie, rms_norm_eps=1e-6,
                       rope_parameters={"rope_theta": 1e6, "rope_type": "default"},

@@ -185,14 +185,19 @@ def test_targets_refuse_what_the_device_lacks_and_what_does_not_fit():
             check_precision(TARGETS[name], "fp8")
     check_precision(TARGETS["h100"], "fp8")
     # BELLE-7B (BLOOM, 7.07B parameters, 30 layers, 32 heads of 128) in fp16 on an 8 GB Orin Nano: no
-    with pytest.raises(InputError, match=r"does not fit orin-nano \(8 GiB\): weights 7,069,016,064 x 2 B = "
-                                         r"13.17 GiB \+ KV cache 4096 tokens x 30 layers x 2 x 32 heads x 128 x 2 B"):
-        check_memory(TARGETS["orin-nano"], "fp16", params=7_069_016_064, layers=30, kv_heads=32, head_dim=128,
-                     kv_tokens=4096)
+    from belle_edge.footprint import BELLE_7B, BELLE_7B_PRUNED_3B
+
+    with pytest.raises(InputError, match=r"does not fit orin-nano \(8 GiB\): weights 7,069,016,064 parameters as "
+                                         r"fp16 linears, fp16 head \(= the embedding\) = 13.17 GiB \+ KV cache 4096 "
+                                         r"tokens x 30 layers x 2 x 32 heads x 128 x 2 B"):
+        check_memory(TARGETS["orin-nano"], "fp16", config=BELLE_7B, kv_tokens=4096)
     # pruned to 3B and int4, it does
+    record = check_memory(TARGETS["orin-nano"], "int4", config=BELLE_7B_PRUNED_3B, kv_tokens=2048)
+    assert record["total_gib"] < 8
+    # with only a parameter count at hand, every parameter counts in the precision's linear format
     record = check_memory(TARGETS["orin-nano"], "int4", params=3_000_000_000, layers=30, kv_heads=32,
                           head_dim=128, kv_tokens=2048)
-    assert record["total_gib"] < 8
+    assert record["weights_gib"] == round(3e9 * (0.5 + 2 / 128) / 2**30, 3)
 
 
 def test_the_stages_run_alone_meet_on_disk(tmp_path, tiny_llama_dir):

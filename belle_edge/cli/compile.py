@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import InputError
 from .common import MODEL_HELP
 from .prune import add_prune_args, prune_request
 
@@ -11,19 +12,27 @@ from .prune import add_prune_args, prune_request
 def register(sub) -> None:
     comp = sub.add_parser("compile", help="compile a checkpoint into a deployable artifact (every stage in a row)")
     comp.add_argument("model", nargs="?", help=MODEL_HELP + ", or a quantized checkpoint")
-    comp.add_argument("--out", required=True, help="artifact folder to write")
+    comp.add_argument("--out", help="artifact folder to write (required unless --dry-run)")
     _add_target_args(comp)
-    comp.add_argument("--block-size", type=int, default=32, help="quantization block size (default 32)")
+    comp.add_argument("--block-size", type=int, default=32, help="cpu int8/int4: quantization block size (default 32)")
+    _add_weight_only_args(comp)
     comp.add_argument("--no-engine", action="store_true",
                       help="GPU targets: export only; build the engine later with `belle-edge build-engine`")
     add_prune_args(comp, prefix="prune-")
+    comp.add_argument("--dry-run", action="store_true", help="print memory and bandwidth per precision and target "
+                                                             "(config only: nothing is loaded or written)")
+    comp.add_argument("--shape", help="with --dry-run: a paper plan instead of a model: llama-3.2-3b | "
+                                      "belle-7b-pruned-3b | all (the Orin table unless --target names a GPU)")
     comp.set_defaults(handler=run_compile)
 
     quant = sub.add_parser("quantize", help="the quantize stage alone: a checkpoint -> a quantized checkpoint folder")
     quant.add_argument("model", nargs="?", help=MODEL_HELP)
     quant.add_argument("--out", required=True, help="quantized checkpoint folder to write (belle-edge export reads it)")
     quant.add_argument("--precision", required=True, help="int8 | int4")
-    quant.add_argument("--block-size", type=int, default=32, help="quantization block size (default 32)")
+    quant.add_argument("--block-size", type=int, default=32, help="cpu: quantization block size (default 32)")
+    quant.add_argument("--target", default="cpu", help="cpu (MatMulNBits blocks) or a GPU target (symmetric "
+                                                       "weight-only: INT4 group 128 / INT8 per channel)")
+    _add_weight_only_args(quant)
     _add_source_args(quant)
     quant.set_defaults(handler=run_quantize)
 
@@ -45,6 +54,16 @@ def register(sub) -> None:
     insp.add_argument("--verify", action="store_true", help="also check every file's sha256")
     insp.add_argument("--json", action="store_true", help="print the manifest itself")
     insp.set_defaults(handler=run_inspect)
+
+
+def _add_weight_only_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant-method", default=None, help="GPU int4/int8: awq | rtn (default: awq for int4, rtn for "
+                                                        "int8)")
+    p.add_argument("--head", default="fp16", help="GPU int4/int8: the LM head (and a tied embedding) in fp16 "
+                                                  "(default) or int8")
+    p.add_argument("--calibration-tokens", type=int, default=512, help="GPU awq: calibration tokens (default 512)")
+    p.add_argument("--int8-share", type=float, default=0.0, help="GPU int4: keep this share of the linear "
+                   "parameters at int8, the tensors int4 hurts most on calibration text (default 0)")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -73,10 +92,20 @@ def _config(args, **overrides):
 
 
 def run_compile(args) -> int:
+    if args.dry_run:  # before the pipeline's import: the table needs no torch
+        from .dry_run import run_dry_run
+
+        return run_dry_run(args)
+    if not args.out:
+        raise InputError("compile: --out DIR is required (or --dry-run to print the memory table only)")
+    if args.shape:
+        raise InputError("--shape is a paper plan for --dry-run only; compile takes a checkpoint")
     from ..compile.pipeline import compile_model
 
     pruning = None if args.target_params is None and args.ratio is None else prune_request(args)
-    config = _config(args, block_size=args.block_size, engine=not args.no_engine, prune=pruning)
+    config = _config(args, block_size=args.block_size, engine=not args.no_engine, prune=pruning,
+                     quant_method=args.quant_method, head=args.head, calibration_tokens=args.calibration_tokens,
+                     int8_share=args.int8_share)
     manifest = compile_model(config, progress=not args.no_progress)
     print(f"wrote {args.out}")
     print_manifest(manifest)
@@ -99,11 +128,22 @@ def run_quantize(args) -> int:
     from ..compile.quantize import quantize_to_folder
     from ..core.load import load_checkpoint
 
+    from ..compile.weight_only import WeightOnlyRequest
+    from ..targets import get_target
+
+    weight_only = None
+    if get_target(args.target).gpu:
+        method = args.quant_method or ("awq" if args.precision == "int4" else "rtn")
+        weight_only = WeightOnlyRequest(args.precision, method, args.head, args.calibration_tokens,
+                                        int8_share=args.int8_share)
     ckpt = load_checkpoint(args.model, allow_pickle=args.allow_pickle, chat_format=args.chat_format)
-    _, record = quantize_to_folder(ckpt, args.precision, args.out, block_size=args.block_size, force=args.force)
-    print(f"wrote {args.out}: {record['tensors']} tensors at {record['precision']} (block {record['block_size']}; "
-          f"{', '.join(f'{k} {v}' for k, v in record['sources'].items())}), {record['quantized_bytes'] / 2**20:.1f} MB; "
-          f"export it with: belle-edge export {args.out} --out ARTIFACT")
+    _, record = quantize_to_folder(ckpt, args.precision, args.out, block_size=args.block_size, force=args.force,
+                                   weight_only=weight_only)
+    how = (f"{record['method']}, group {record['group']}, head {record['head']}" if weight_only else
+           f"block {record['block_size']}; {', '.join(f'{k} {v}' for k, v in record['sources'].items())}")
+    print(f"wrote {args.out}: {record['tensors']} tensors at {record['precision']} ({how}), "
+          f"{record['quantized_bytes'] / 2**20:.1f} MB; export it with: belle-edge export {args.out} --out ARTIFACT"
+          + (f" --target {args.target}" if weight_only else ""))
     return 0
 
 
@@ -187,9 +227,9 @@ def _summary(m) -> list[tuple[str, str]]:
             ("chat format", fmt.get("kind") + (f" ({fmt['variant']})" if "variant" in fmt else "")),
             ("built", f"belle_edge {m.belle_edge}, {m.created}"),
             ("tools", ", ".join(f"{k} {v}" for k, v in m.tools.items()))]
-    roofline = _roofline(m)
-    if roofline:
-        rows.insert(4, ("decode roofline", roofline))
+    for key, value in (("fidelity", _fidelity(m)), ("weights", _weights(m)), ("decode roofline", _roofline(m))):
+        if value:
+            rows.insert(3, (key, value))
     return [r for r in rows if r]
 
 
@@ -198,6 +238,32 @@ def _roofline(m) -> str | None:
     for st in m.stages:
         memory = st.details.get("memory") if isinstance(st.details, dict) else None
         if memory and memory.get("decode_roofline_tok_s"):
-            return f"{memory['decode_roofline_tok_s']:,.0f} tok/s at most on {m.target} ({memory['weights_gib']} GiB " \
-                   "of weights per token at the target's peak bandwidth)"
+            read = memory.get("read_per_token_gb")
+            per_token = f"{read} GB read per token" if read is not None else f"{memory['weights_gib']} GiB of weights"
+            return f"{memory['decode_roofline_tok_s']:,.0f} tok/s at most on {m.target} ({per_token} at the " \
+                   "target's peak bandwidth)"
     return None
+
+
+def _weights(m) -> str | None:
+    """How the weights are stored, from the quantize stage's record."""
+    if not m.has_stage("quantize"):
+        return None
+    q = m.stage("quantize").details
+    if q.get("layout") == "symmetric":
+        group = f"group {q['group']}" if q["bits"] == 4 else "per channel"
+        return f"int{q['bits']} weight-only linears ({q['method']}, symmetric, {group}), {q['head']} LM head"
+    return f"int{q['bits']} blocks of {q['block_size']} (MatMulNBits), 8-bit LM head"
+
+
+def _fidelity(m) -> str | None:
+    """The fidelity stage in one line: pooled, then per held-out text."""
+    if not m.has_stage("fidelity"):
+        return None
+    f = m.stage("fidelity").details
+    if "skipped" in f:
+        return f"not measured: {f['skipped']}"
+    texts = ", ".join(f"{name.split('(')[0]} {t['kl_mean']:.3f}/{t['top1_agreement']:.1%}"
+                      for name, t in f.get("texts", {}).items())
+    return f"KL {f['kl_mean']:.4f}, top-1 {f['top1_agreement']:.1%} over {f['tokens']} held-out tokens vs the " \
+           f"unquantized model ({texts})"

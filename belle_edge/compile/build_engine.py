@@ -68,7 +68,9 @@ def no_builder_error(target: Target) -> InputError:
 
 @dataclass(frozen=True)
 class EngineStage:
-    """The build stage. Details recorded: ``layers``, ``compute_capability`` (TensorRT-RTX), ``builder_peak_rss_mb``,
+    """The build stage. Details recorded: ``layers``, ``weight_only_layers`` (DEQUANTIZE layers by the type of
+    the weights they read), ``weights_bytes`` (the builder's "Total Weights Memory"), ``compute_capability``
+    (TensorRT-RTX), ``builder_peak_rss_mb``,
     ``builder_baseline_rss_mb`` (TensorRT itself, before the model), ``builder_parsed_rss_mb`` (after the ONNX
     parse); the engine's own facts go to the manifest's ``runtime.engine``."""
     target: Target
@@ -90,8 +92,8 @@ class EngineStage:
                               attention=self.attention, max_prefill=self.max_prefill,
                               max_past=min(self.max_kv_tokens, model.max_positions), flavour=self.builder.module)
         job.engine = engine_info(record)
-        keep = ("layers", "compute_capability", "builder_peak_rss_mb", "builder_baseline_rss_mb",
-                "builder_parsed_rss_mb")
+        keep = ("layers", "weight_only_layers", "weights_bytes", "compute_capability", "builder_peak_rss_mb",
+                "builder_baseline_rss_mb", "builder_parsed_rss_mb")
         return {k: record[k] for k in keep if k in record}
 
 
@@ -187,6 +189,7 @@ def _build(req: dict) -> dict:
     parsed_mb = _rss_mb()  # the parser holds the ONNX weights in host memory from here on
     layer_types = [str(network.get_layer(i).type).rsplit(".", 1)[-1] for i in range(network.num_layers)]
     plugin_layers = layer_types.count("PLUGIN_V3")
+    weight_only = _weight_only_layers(network, layer_types)
 
     config = builder.create_builder_config()
     if flavour == "tensorrt_rtx":
@@ -204,6 +207,8 @@ def _build(req: dict) -> dict:
         "engine": ENGINE_FILE, "log": LOG_FILE, "tensorrt": flavour, "tensorrt_version": trt.__version__,
         "sm": req["sm"], "attention": req["attention"], "layers": len(layer_types), "plugin_layers": plugin_layers,
         "profiles": profiles, "bytes": size, "seconds": round(time.perf_counter() - t0, 2),
+        "weight_only_layers": weight_only,
+        "weights_bytes": _logged_weights_bytes(log_path),  # as the builder logged it: what the engine stores
         "builder_peak_rss_mb": round(_peak_rss_mb(), 1),  # the child process that ran TensorRT
         "builder_baseline_rss_mb": round(baseline_mb, 1),  # of which TensorRT itself, before the model
         "builder_parsed_rss_mb": round(parsed_mb, 1),  # after the ONNX parse, before the build
@@ -214,6 +219,27 @@ def _build(req: dict) -> dict:
         record["plugin"] = {"name": NAME, "version": VERSION, "namespace": NAMESPACE,
                             "in_engine": _file_contains(engine_path, NAME.encode())}
     return record
+
+
+def _logged_weights_bytes(log_path: str) -> int | None:
+    """The "Total Weights Memory: N bytes" line TensorRT logs at the end of a build (None if absent)."""
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if "Total Weights Memory:" in line:
+                return int(line.split("Total Weights Memory:")[1].split()[0])
+    return None
+
+
+def _weight_only_layers(network, layer_types: list[str]) -> dict[str, int]:
+    """DEQUANTIZE layers by the type of the constant they read ({"INT4": 96, ...}): the parsed network's own
+    account of weights stored below 16 bits (the engine inspector needs a GPU; the engine's size is the
+    other check)."""
+    out: dict[str, int] = {}
+    for i, kind in enumerate(layer_types):
+        if kind == "DEQUANTIZE":
+            dtype = str(network.get_layer(i).get_input(0).dtype).rsplit(".", 1)[-1]
+            out[dtype] = out.get(dtype, 0) + 1
+    return out
 
 
 def _serialize(trt, builder, network, config, path: str) -> int:

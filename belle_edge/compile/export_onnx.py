@@ -30,6 +30,23 @@ into ONNX. Tied embeddings are stored once (the LM head is a ``Gemm`` with ``tra
 Weights larger than 1 KiB go to ``model.onnx.data`` (external data), written tensor by tensor while
 the graph is built.
 
+**Weight-only linears** (GPU targets at int4/int8, compile/weight_only.py): each projection's ``MatMul``
+reads its weight from a ``DequantizeLinear`` (opset 21+) over integer initializers — the form TensorRT's
+parser fuses into a weight-only GEMM, which onnxruntime also runs:
+
+=========================  =====================  =====================  ===================================
+weight (N out, K in)       codes initializer      scales initializer     DequantizeLinear
+=========================  =====================  =====================  ===================================
+int4 linear                INT4 [K, N], signed    fp16 [K/128, N]        axis=0, block_size=128 (symmetric)
+int8 linear                INT8 [K, N], signed    fp16 [N]               axis=1 (per output channel)
+int8 LM head (``--head``)  INT8 [C, V]            fp16 [V]               axis=1; a tied embedding gathers
+                                                                         rows of its transpose (stored once)
+=========================  =====================  =====================  ===================================
+
+No zero points (TensorRT takes none for INT4). q/k/v and gate/up stay fused along N, as in fp16. The
+same folder holds ``model.gemm_plugin.onnx`` (gemm_plugin_variant.py): each pair above as one
+``belle.WeightOnlyMatMul`` node for our GEMM plugin, over the same ``model.onnx.data``.
+
 The graph is built by onnx_graph.py (the decoder, with a sketch of a layer) and onnx_attention.py (our
 attention node and its function body, or ONNX ``Attention``), on onnx_builder.py.
 """
@@ -72,11 +89,11 @@ class ExportStage:
 
     name = "export"
     reads = "checkpoint or quantized checkpoint (the previous stage's folder)"
-    writes = "model.onnx, model.onnx.data, tokenizer.json"
+    writes = "model.onnx, model.onnx.data, tokenizer.json (+ model.gemm_plugin.onnx: GPU int8/int4)"
 
     @property
     def dtype(self) -> str:
-        return "float16" if self.precision in ("fp16", "bf16") else "float32"
+        return "float16" if self.target.gpu or self.precision in ("fp16", "bf16") else "float32"
 
     def run(self, job: "Job") -> StageRecord:
         ckpt = job.checkpoint()
@@ -94,6 +111,10 @@ class ExportStage:
         record = export_onnx(ckpt.config, ckpt.state_dict, job.artifact, dtype=self.dtype,
                              quantized=dict(ckpt.quantized) or None, flavor="portable" if self.target.gpu else "ort",
                              attention=attention)
+        if self.target.gpu and ckpt.quantized:  # the same graph with our GEMM plugin node per weight-only MatMul
+            from .gemm_plugin_variant import write_plugin_variant
+
+            record["gemm_plugin_variant"] = write_plugin_variant(job.artifact, ONNX_FILE)
         ckpt.tokenizer.save(os.path.join(job.artifact, "tokenizer.json"))
         job.exported, job.export = ckpt, record
         return {**record, "parameters": ckpt.parameters}

@@ -31,18 +31,45 @@ class ExternalData:
         array = np.ascontiguousarray(array)
         if array.nbytes < self.threshold:
             return numpy_helper.from_array(array, name)
-        pad = (-self._file.tell()) % self.ALIGN
-        self._file.write(b"\0" * pad)
-        offset = self._file.tell()
-        self._file.write(array.tobytes())  # one tensor's copy at a time
+        offset = self._write(array.tobytes())  # one tensor's copy at a time
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
         for key, value in (("location", self.location), ("offset", offset), ("length", array.nbytes)):
             t.external_data.add(key=key, value=str(value))
         t.data_location = TensorProto.EXTERNAL
         return t
 
+    def int4_tensor(self, name: str, values: np.ndarray) -> onnx.TensorProto:
+        """A signed INT4 initializer, two values per byte, the first in the low nibble (ONNX's packing)."""
+        return _int4_tensor(name, values, self if values.size // 2 >= self.threshold else None)
+
+    def _write(self, raw: bytes) -> int:
+        pad = (-self._file.tell()) % self.ALIGN
+        self._file.write(b"\0" * pad)
+        offset = self._file.tell()
+        self._file.write(raw)
+        return offset
+
     def close(self) -> None:
         self._file.close()
+
+
+def _int4_tensor(name: str, values: np.ndarray, external: "ExternalData | None") -> onnx.TensorProto:
+    flat = values.astype(np.int8).reshape(-1)
+    if flat.min(initial=0) < -8 or flat.max(initial=0) > 7:
+        raise ValueError(f"{name}: INT4 values must lie in [-8, 7]")
+    nibbles = (flat.astype(np.uint8) & 0x0F)
+    if nibbles.size % 2:
+        nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
+    raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    t = TensorProto(name=name, data_type=TensorProto.INT4, dims=values.shape)
+    if external is None:
+        t.raw_data = raw
+        return t
+    offset = external._write(raw)
+    for key, value in (("location", external.location), ("offset", offset), ("length", len(raw))):
+        t.external_data.add(key=key, value=str(value))
+    t.data_location = TensorProto.EXTERNAL
+    return t
 
 
 class GraphBuilder:
@@ -77,6 +104,12 @@ class GraphBuilder:
             self.initializers.append(self.external.tensor(name, array))
         else:
             self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def initializer_int4(self, name: str, values: np.ndarray) -> str:
+        """``values``: int8 in [-8, 7], stored as ONNX INT4."""
+        self.initializers.append(self.external.int4_tensor(name, values) if self.external is not None
+                                 else _int4_tensor(name, values, None))
         return name
 
     def const(self, value, dtype=np.int64) -> str:

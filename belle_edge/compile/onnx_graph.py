@@ -18,6 +18,7 @@ from ..core.quantized import BlockQuantized, concat_rows
 from ..models.config import ModelConfig
 from .onnx_attention import DOMAIN, attention_function, attention_node, native_attention, native_mask
 from .onnx_builder import DTYPES, NP_DTYPES, OPSET, ExternalData, GraphBuilder
+from .weight_only import is_symmetric, signed_codes
 
 DTYPES_BY_NP = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 
@@ -28,8 +29,11 @@ def build_model(cfg: ModelConfig, weights: dict[str, np.ndarray], *, dtype: str 
                 attention: str = "plugin") -> onnx.ModelProto:
     """The decoder graph; ``weights`` are float arrays by canonical name, ``quantized`` the block-quantized
     ones (MatMulNBits, float32 activations only)."""
-    if quantized and dtype != "float32":
-        raise ValueError("quantized weights are exported with float32 activations")
+    if quantized and flavor == "ort" and dtype != "float32":
+        raise ValueError("MatMulNBits weights are exported with float32 activations")
+    if quantized and flavor == "portable" and not all(is_symmetric(q) for q in quantized.values()):
+        raise ValueError("a portable (TensorRT) graph takes symmetric weight-only tensors (compile/weight_only.py), "
+                         "not the CPU's zero-point blocks")
     d = _DecoderGraph(cfg, weights, dtype=dtype, quantized=quantized or {}, accuracy_level=accuracy_level,
                       external=external, flavor=flavor, attention=attention)
     x = d.embed()
@@ -65,12 +69,12 @@ class _DecoderGraph:
         parts = [quantized.get(n + ".weight") for n in names]
         if all(p is not None for p in parts) and len({(p.bits, p.block_size) for p in parts}) > 1:
             # blocks carried from a GGUF at different widths (Q5_0 q/k beside a Q8_0 v): one MatMulNBits each
-            ys = [_QuantizedWeight(g, n, p, self.accuracy_level).matmul(x, f"{scope}/{n.rsplit('.', 1)[-1]}")
+            ys = [self.quantized_weight(n, p).matmul(x, f"{scope}/{n.rsplit('.', 1)[-1]}")
                   for n, p in zip(names, parts)]
             y = g.op("Concat", ys, scope + "/Concat", axis=-1)
         elif all(p is not None for p in parts):
             fused = parts[0] if len(parts) == 1 else concat_rows(parts)
-            y = _QuantizedWeight(g, _fused_name(names), fused, self.accuracy_level).matmul(x, scope)
+            y = self.quantized_weight(_fused_name(names), fused).matmul(x, scope)
         else:
             w = np.concatenate([_dense(weights, quantized, n + ".weight", np.float32) for n in names], axis=0)
             y = g.op("MatMul", [x, g.initializer(_fused_name(names) + ".weight.T", w.T.astype(self.npt))],
@@ -80,11 +84,17 @@ class _DecoderGraph:
             y = g.op("Add", [y, g.initializer(_fused_name(names) + ".bias", b.astype(self.npt))], scope + "/Add")
         return y
 
+    def quantized_weight(self, name: str, q: BlockQuantized):
+        """MatMulNBits for onnxruntime (``ort``), DequantizeLinear -> MatMul for TensorRT (``portable``)."""
+        if self.flavor == "portable":
+            return _DequantizedWeight(self.g, name, q, self.npt)
+        return _QuantizedWeight(self.g, name, q, self.accuracy_level)
+
     def embed(self) -> str:
         g, cfg, quantized = self.g, self.cfg, self.quantized
         head_q = quantized.get("embed.weight")
         if head_q is not None and head_q.offsets is None:  # its codes serve the lookup (a tied head's too)
-            x = _QuantizedWeight(g, "embed.weight", head_q, self.accuracy_level).gather("input_ids", "/model/embed")
+            x = self.quantized_weight("embed.weight", head_q).gather("input_ids", "/model/embed")
         else:
             x = g.op("Gather", [g.initializer("embed.weight", _dense(self.weights, quantized, "embed.weight",
                                                                      self.npt)), "input_ids"], "/model/embed/Gather")
@@ -134,7 +144,7 @@ class _DecoderGraph:
         flat = g.op("Reshape", [x, g.const([-1, cfg.hidden_size])], "/model/lm_head/flatten/Reshape")
         head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
         if head in quantized:
-            logits = _QuantizedWeight(g, head, quantized[head], self.accuracy_level).matmul(flat, "/model/lm_head")
+            logits = self.quantized_weight(head, quantized[head]).matmul(flat, "/model/lm_head")
         elif cfg.tie_embeddings:
             logits = g.op("Gemm", [flat, "embed.weight"], "/model/lm_head/Gemm", transB=1)
         else:
@@ -213,6 +223,42 @@ class _QuantizedWeight:
         return g.op("GatherBlockQuantized", [data, ids, scales, zps], scope + "/GatherBlockQuantized",
                     domain="com.microsoft", bits=self.q.bits, block_size=self.q.block_size, gather_axis=0,
                     quantize_axis=1)
+
+
+class _DequantizedWeight:
+    """A symmetric weight-only tensor (weight_only.py) in the GPU contract (export_onnx.py's table): signed
+    INT4/INT8 codes as the MatMul's B (K, N), fp16 scales, ``DequantizeLinear`` feeding the ``MatMul``. INT4:
+    blocks of 128 along K (``axis=0, block_size=128``, scales (K/128, N)); INT8: one scale per output
+    channel (``axis=1``, scales (N,)). TensorRT fuses the pair into a weight-only GEMM; our GEMM plugin node
+    (gemm_plugin_variant.py) replaces it one for one."""
+
+    def __init__(self, g: GraphBuilder, name: str, q: BlockQuantized, npt):
+        self.g, self.name, self.q = g, name, q
+        key = "_dequantized_" + name
+        if not hasattr(g, key):
+            n, k = q.shape
+            codes = signed_codes(q).T.copy()  # (K, N): B of x @ B
+            if q.bits == 4:
+                codes_name = g.initializer_int4(name + ".codes.T", codes)
+                scales = q.scales.T.astype(npt)  # (K/128, N)
+                attrs = {"axis": 0, "block_size": q.block_size}
+            else:
+                codes_name = g.initializer(name + ".codes.T", codes)
+                scales = q.scales.reshape(n).astype(npt)  # (N,): one block spans the whole row
+                attrs = {"axis": 1}
+            setattr(g, key, (codes_name, g.initializer(name + ".scales.T", np.ascontiguousarray(scales)), attrs))
+        self.codes, self.scales, self.attrs = getattr(g, key)
+
+    def dequantize(self, scope: str) -> str:
+        return self.g.op("DequantizeLinear", [self.codes, self.scales], scope + "/DequantizeLinear", **self.attrs)
+
+    def matmul(self, x: str, scope: str) -> str:
+        return self.g.op("MatMul", [x, self.dequantize(scope)], scope + "/MatMul")
+
+    def gather(self, ids: str, scope: str) -> str:
+        """Embedding rows of a tied head stored once: the dequantized (K, N) table, transposed, gathered."""
+        table = self.g.op("Transpose", [self.dequantize(scope)], scope + "/Transpose", perm=[1, 0])
+        return self.g.op("Gather", [table, ids], scope + "/Gather")
 
 
 def _norm(g, cfg, x, name, W, scope):

@@ -2,8 +2,9 @@
 in the artifact's manifest::
 
     cpu:           load ─▶ [prune] ─▶ [quantize: int8/int4] ─▶ export (ort flavor) ─▶ [fidelity: not fp32] ─▶ package
-    rtx3090, a100: load ─▶ [prune] ─▶ export (portable fp16) ─▶ build (TensorRT engine + plugin) ─▶ package
-    orin:          load ─▶ [prune] ─▶ export (portable fp16) ─▶ package  (the engine is built on the Jetson)
+    rtx3090, a100: load ─▶ [prune] ─▶ [quantize: int8/int4 weight-only] ─▶ export (portable fp16)
+                   ─▶ [fidelity: int8/int4] ─▶ build (TensorRT engine + plugin) ─▶ package
+    orin:          the same without build (the engine is built on the Jetson)
 
 Each stage is one module (load.py, prune/stage.py, quantize.py, export_onnx.py, fidelity.py,
 build_engine.py, package.py) with a ``Stage`` (core/stage.py); stages hand the model on through folders
@@ -20,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from ..core.folders import staged_folder
-from ..core.quantized import is_quantized_checkpoint, quantized_precision
+from ..core.quantized import is_quantized_checkpoint, quantized_layout, quantized_precision
 from ..core.stage import Stage, run_stages
 from ..default_model import DEFAULT
 from ..errors import InputError
@@ -35,6 +36,7 @@ from .package import PackageStage
 from .prune.prune import PruneRequest
 from .prune.stage import PruneStage
 from .quantize import PRECISION_BITS, QuantizeStage
+from .weight_only import LAYOUT, WeightOnlyRequest
 
 ATTENTION = ("plugin", "native")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -56,6 +58,10 @@ class CompileConfig:
     engine: bool = True  # GPU targets: build the engine here (False: later, with `belle-edge build-engine`)
     max_prefill: int = 512  # GPU engines: the prefill profile's longest chunk
     prune: PruneRequest | None = None  # structured pruning right after load
+    quant_method: str | None = None  # GPU int4/int8: "awq" | "rtn" (None: awq for int4, rtn for int8)
+    head: str = "fp16"  # GPU int4/int8: the LM head (and a tied embedding) in "fp16" or "int8"
+    calibration_tokens: int = 512  # GPU int4/int8 with awq
+    int8_share: float = 0.0  # GPU int4: the share of linear parameters kept at INT8 (the most sensitive tensors)
 
     def __post_init__(self):
         target = get_target(self.target)
@@ -65,11 +71,20 @@ class CompileConfig:
         check_precision(target, self.precision)
         if self.attention not in ATTENTION:
             raise InputError(f"--attention: expected plugin or native, got {self.attention!r}")
-        if target.gpu and self.precision not in ("fp16", "bf16"):
-            raise InputError(f"precision {self.precision!r} for {target.name}: this version builds TensorRT engines "
-                             "in fp16/bf16 only (weight-only int8/int4 engines are not built yet); use fp16")
+        if target.gpu and self.precision not in ("fp16", "bf16", *PRECISION_BITS):
+            raise InputError(f"precision {self.precision!r} for {target.name}: TensorRT engines are built in fp16/bf16 "
+                             "or with int8/int4 weight-only linears")
+        if target.gpu and self.precision in PRECISION_BITS:
+            self.weight_only  # checks method and head now, before any stage runs
         if self.block_size not in BLOCK_SIZES:
             raise InputError(f"block size {self.block_size}: expected {', '.join(map(str, BLOCK_SIZES))}")
+
+    @property
+    def weight_only(self) -> WeightOnlyRequest:
+        """The GPU targets' quantization request (weight_only.py)."""
+        method = self.quant_method or ("awq" if self.precision == "int4" else "rtn")
+        return WeightOnlyRequest(self.precision, method, self.head, self.calibration_tokens,
+                                 int8_share=self.int8_share)
 
     @property
     def settings(self) -> dict:
@@ -83,16 +98,18 @@ class CompileConfig:
 def plan_stages(config: CompileConfig) -> list[Stage]:
     """The stages for this request, in order; refuses what cannot be done before any of them runs."""
     target = get_target(config.target)
-    budget = MemoryBudget(target, config.precision, config.max_kv_tokens)
+    budget = MemoryBudget(target, config.precision, config.max_kv_tokens, head=config.head,
+                          block_size=config.block_size)
     stages: list[Stage] = [LoadStage(config.model, config.allow_pickle, config.chat_format,
                                      budget=None if config.prune else budget)]
     if config.prune is not None:
         teacher = DEFAULT if config.model is None else os.path.abspath(config.model)
         stages.append(PruneStage(config.prune, teacher, budget))
-    if config.precision in PRECISION_BITS and not _quantized_input(config):
-        stages.append(QuantizeStage(config.precision, config.block_size))
+    if config.precision in PRECISION_BITS and not _quantized_input(config, target.gpu):
+        stages.append(QuantizeStage(config.precision, config.block_size,
+                                    config.weight_only if target.gpu else None))
     stages.append(ExportStage(target, config.precision, config.attention))
-    if not target.gpu and config.precision != "fp32":
+    if config.precision in PRECISION_BITS or (not target.gpu and config.precision != "fp32"):
         stages.append(FidelityStage(config.fidelity_tokens))
     if target.gpu and config.engine and not target.builds_on_device:
         builder = choose_builder(target)
@@ -103,10 +120,14 @@ def plan_stages(config: CompileConfig) -> list[Stage]:
     return stages
 
 
-def _quantized_input(config: CompileConfig) -> bool:
+def _quantized_input(config: CompileConfig, gpu: bool) -> bool:
     if not (config.model and is_quantized_checkpoint(config.model)):
         return False
     own = quantized_precision(config.model)
+    layout = quantized_layout(config.model)
+    if gpu != (layout == LAYOUT):
+        raise InputError(f"{config.model}: quantized for {'GPU targets' if layout == LAYOUT else 'the cpu target'} "
+                         f"({layout} weights), not for {config.target}; quantize its source for {config.target}")
     if config.prune is not None:
         raise InputError(f"{config.model}: a quantized checkpoint cannot be pruned; prune the model it was quantized "
                          "from, then quantize")

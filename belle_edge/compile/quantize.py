@@ -1,5 +1,8 @@
 """The quantize pass: block-wise weight-only quantization of the linear layers (and the LM head).
 
+Two layouts: the CPU's (below: ONNX Runtime's MatMulNBits blocks) and the GPU targets' symmetric INT4/INT8
+(weight_only.py: RTN or AWQ, what TensorRT parses); the stage runs one or the other.
+
 Each weight W (N, K) is cut into blocks of ``block_size`` along K and stored as unsigned codes with a
 float scale and an integer zero point per block — the layout of ONNX Runtime's ``MatMulNBits``::
 
@@ -41,6 +44,7 @@ from ..core.stage import measured
 from ..errors import InputError
 from ..manifest import StageRecord
 from ..models.config import ModelConfig
+from .weight_only import WeightOnlyRequest, plan_arrays, quantize_weight_only
 
 if TYPE_CHECKING:
     from .job import Job
@@ -49,15 +53,22 @@ PRECISION_BITS = {"int8": 8, "int4": 4}
 
 
 def quantize_to_folder(ckpt: Checkpoint, precision: str, out: str, *, block_size: int = 32,
-                       force: bool = False) -> tuple[Checkpoint, dict]:
+                       force: bool = False, weight_only: WeightOnlyRequest | None = None) -> tuple[Checkpoint, dict]:
     """Quantize ``ckpt`` and write the quantized checkpoint to ``out``; returns it (as read from ``out``) and
-    the record. A GGUF checkpoint's own blocks are carried over where they match its weights exactly."""
+    the record. CPU blocks (``weight_only`` None): a GGUF checkpoint's own blocks are carried over where they
+    match its weights exactly. ``weight_only``: the GPU targets' symmetric weights (weight_only.py)."""
     if precision not in PRECISION_BITS:
         raise InputError(f"precision {precision!r}: the quantize stage makes {' or '.join(PRECISION_BITS)}")
-    blocks = gguf_blocks(ckpt.source, ckpt.config) if ckpt.kind == "gguf" else None
-    quantized, record = quantize_weights(ckpt.config, ckpt.state_dict, precision, block_size=block_size,
-                                         gguf_blocks=blocks)
-    path = write_quantized(ckpt, quantized, record, out, force=force)
+    plan = None
+    if weight_only is not None:
+        dense, quantized, record, chosen = quantize_weight_only(ckpt.config, ckpt.state_dict, ckpt.tokenizer,
+                                                                weight_only)
+        ckpt, plan = ckpt.replace(state_dict=dense), plan_arrays(chosen)
+    else:
+        blocks = gguf_blocks(ckpt.source, ckpt.config) if ckpt.kind == "gguf" else None
+        quantized, record = quantize_weights(ckpt.config, ckpt.state_dict, precision, block_size=block_size,
+                                             gguf_blocks=blocks)
+    path = write_quantized(ckpt, quantized, record, out, force=force, plan=plan)
     rest = {k: v for k, v in ckpt.state_dict.items() if k not in quantized}
     return ckpt.replace(state_dict=rest, quantized=quantized, source=path, kind="quantized"), record
 
@@ -65,7 +76,8 @@ def quantize_to_folder(ckpt: Checkpoint, precision: str, out: str, *, block_size
 @dataclass(frozen=True)
 class QuantizeStage:
     precision: str  # "int8" | "int4"
-    block_size: int = 32
+    block_size: int = 32  # CPU blocks
+    weight_only: WeightOnlyRequest | None = None  # GPU targets: symmetric INT4 g128 / INT8 per channel
 
     name = "quantize"
     reads = "checkpoint (a GGUF file's own blocks are carried over where they reproduce its weights exactly)"
@@ -76,7 +88,8 @@ class QuantizeStage:
         return measured(self, lambda: self._quantize(job, out), reads=job.checkpoint().source, writes=(out,))
 
     def _quantize(self, job: "Job", out: str) -> dict:
-        quantized, record = quantize_to_folder(job.checkpoint(), self.precision, out, block_size=self.block_size)
+        quantized, record = quantize_to_folder(job.checkpoint(), self.precision, out, block_size=self.block_size,
+                                               weight_only=self.weight_only)
         job.hand_on(out, quantized)
         return record
 

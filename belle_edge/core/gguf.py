@@ -30,6 +30,26 @@ def read_gguf(path: str, *, chat_format: str = "auto") -> Checkpoint:
     return ckpt
 
 
+def read_gguf_config(path: str):
+    """Only the ``ModelConfig`` of a GGUF file: its cached conversion's config.json, or else the file's metadata
+    (transformers reads the header; no tensor is dequantized)."""
+    from transformers import AutoConfig
+
+    from .hf_dir import read_hf_config
+
+    cached = converted_dir(path)
+    if cached:
+        return read_hf_config(cached)
+    _check_magic(path)
+    family_name_for(_architecture(path), path)
+    folder, name = os.path.split(path)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
+    except Exception as e:  # the GGUF reader raises many types; all mean "this file cannot be used"
+        raise _gguf_error(path, e) from None
+    return family(family_name_for(hf_config.get("model_type"), path)).config_from_hf(hf_config, where=path)
+
+
 def gguf_cache_dir(path: str) -> str | None:
     """Where the converted form of the GGUF file at ``path`` is cached (None with the cache off)."""
     import transformers

@@ -45,6 +45,13 @@ def read_hf_dir(path: str, *, allow_pickle: bool = False, chat_format: str = "au
     return Checkpoint(config, state, tokenizer, fmt, stop_token_ids(config, tokenizer, fmt), source or path, kind)
 
 
+def read_hf_config(path: str):
+    """Only the ``ModelConfig`` of a Hugging Face directory (its config.json; no weights, no tokenizer)."""
+    config_path = os.path.join(path, "config.json")
+    hf = read_json(config_path)
+    return family(family_name_for(hf.get("model_type"), config_path)).config_from_hf(hf, where=config_path)
+
+
 def _read_weights(path: str, *, allow_pickle: bool) -> dict:
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if shards:

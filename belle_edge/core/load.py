@@ -42,6 +42,25 @@ def load_checkpoint(model: str | None = None, *, allow_pickle: bool = False, cha
     return ckpt
 
 
+def load_config(model: str | None = None):
+    """Only the ``ModelConfig`` of a checkpoint, with no weights read: a Hugging Face directory's config.json,
+    a GGUF file's metadata, or the record of a folder written by the quantize stage."""
+    from ..models.config import ModelConfig
+    from .gguf import read_gguf_config
+    from .hf_dir import read_hf_config, read_json
+
+    if model is not None and os.path.isfile(os.path.join(model, QUANTIZED_RECORD)):
+        record = os.path.join(model, QUANTIZED_RECORD)
+        try:
+            return ModelConfig.from_dict(read_json(record)["model"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{record}: no readable model config ({type(e).__name__}: {e})") from None
+    path = checkpoint_path(model)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return read_hf_config(path)
+    return read_gguf_config(_only_gguf(path) if os.path.isdir(path) else path)
+
+
 def load_tokenizer(model: str | None = None) -> Tokenizer:
     """Only the tokenizer of a checkpoint (for data tools): no weights are read where that can be avoided."""
     from .gguf import converted_dir

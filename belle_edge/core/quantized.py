@@ -16,6 +16,8 @@ A quantized checkpoint folder::
                            canonical name (models/decoder.py)
     quantized.safetensors  per quantized tensor NAME: NAME.codes (uint8, N x K), NAME.scales (float32),
                            NAME.zero_points (uint8), and NAME.offsets (float32) when it has them
+    plan.safetensors       what a calibrated quantizer chose (compile/weight_only.py: AWQ scales, clip
+                           ratios), when it ran
     tokenizer.json
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ VERSION = 1
 RECORD = "quantization.json"
 WEIGHTS = "weights.safetensors"
 QUANTIZED = "quantized.safetensors"
+PLAN = "plan.safetensors"
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,15 @@ def is_quantized_checkpoint(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, RECORD))
 
 
+def quantized_layout(path: str) -> str:
+    """"symmetric" (GPU weight-only: compile/weight_only.py) or "matmulnbits" (the CPU blocks)."""
+    try:
+        with open(os.path.join(path, RECORD), encoding="utf-8") as f:
+            return json.load(f)["record"].get("layout", "matmulnbits")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "matmulnbits"
+
+
 def quantized_precision(path: str) -> str | None:
     """The precision ("int8", "int4") a quantized checkpoint folder was written at (None if unreadable:
     reading it properly says why)."""
@@ -107,8 +119,9 @@ def quantized_precision(path: str) -> str | None:
 
 
 def write_quantized(ckpt: Checkpoint, quantized: dict[str, BlockQuantized], record: dict, out: str, *,
-                    force: bool = False) -> str:
-    """Write ``ckpt`` with ``quantized`` in place of those weights to the folder ``out`` (whole or not at all)."""
+                    force: bool = False, plan: dict[str, np.ndarray] | None = None) -> str:
+    """Write ``ckpt`` with ``quantized`` in place of those weights to the folder ``out`` (whole or not at all);
+    ``plan`` (arrays the quantizer chose: AWQ scales, clip ratios) goes to ``plan.safetensors``."""
     from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file as save_torch
 
@@ -121,6 +134,8 @@ def write_quantized(ckpt: Checkpoint, quantized: dict[str, BlockQuantized], reco
             if q.offsets is not None:
                 arrays[f"{name}.offsets"] = q.offsets
         save_numpy({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.path.join(work, QUANTIZED))
+        if plan:
+            save_numpy({k: np.ascontiguousarray(v) for k, v in plan.items()}, os.path.join(work, PLAN))
         ckpt.tokenizer.save(os.path.join(work, "tokenizer.json"))
         doc = {"format": FORMAT, "version": VERSION, "model": ckpt.config.to_dict(),
                "chat_format": ckpt.chat_format.to_dict(), "stop_token_ids": sorted(ckpt.stop_token_ids),

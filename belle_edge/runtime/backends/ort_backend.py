@@ -24,11 +24,17 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def make_session(onnx_path: str, *, threads: int | None = None):
-    """One InferenceSession per model, shared by all chat sessions (it holds the weights)."""
+def make_session(onnx_path: str, *, threads: int | None = None, exact_weight_only: bool = False):
+    """One InferenceSession per model, shared by all chat sessions (it holds the weights).
+
+    ``exact_weight_only``: onnxruntime fuses a GPU artifact's DequantizeLinear -> MatMul into MatMulNBits
+    with int8 activations (accuracy level 4, its default); a GPU keeps them in fp16, so measuring such an
+    artifact's fidelity asks for full-precision activations (level 0) instead."""
     ort = import_onnxruntime()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if exact_weight_only:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
