@@ -122,8 +122,9 @@ def formats(gpu: bool, precision: str, *, head: str = "fp16") -> dict[str, str]:
             raise InputError("precision 'fp32': GPU targets build fp16/bf16 engines (or weight-only int8/int4)")
         dense = "bf16" if precision == "bf16" else "fp16"
         linears = {"int8": "int8-row", "int4": "int4-g128"}.get(precision, precision)
-        return {"linears": linears, "head": "int8-row" if head == "int8" else dense, "embedding": dense,
-                "other": dense}
+        weight_only = precision in ("int8", "int4")  # --head applies to weight-only artifacts only
+        return {"linears": linears, "head": "int8-row" if head == "int8" and weight_only else dense,
+                "embedding": dense, "other": dense}
     if precision in ("int8", "int4"):
         return {"linears": "mnb8" if precision == "int8" else "mnb4", "head": "mnb8", "embedding": "fp32",
                 "other": "fp32"}

@@ -23,7 +23,10 @@ else
 fi
 # weight-only int8/int4 artifacts: model.onnx carries INT8/INT4 initializers + DequantizeLinear -> MatMul,
 # which TensorRT's parser takes from 10.0 on (JetPack 6: 10.3); say so, and check it before the long build
-PRECISION=$(sed -n 's/.*"precision": *"\([a-z0-9]*\)".*/\1/p' "$ARTIFACT/manifest.json" 2>/dev/null | head -n 1)
+PRECISION=""
+if [ -f "$ARTIFACT/manifest.json" ]; then
+  PRECISION=$(sed -n 's/.*"precision": *"\([a-z0-9]*\)".*/\1/p' "$ARTIFACT/manifest.json" | head -n 1)
+fi
 if [ "$PRECISION" = int4 ] || [ "$PRECISION" = int8 ]; then
   echo "weights: $PRECISION weight-only (model.onnx: DequantizeLinear -> MatMul, fused by TensorRT's parser)"
   run "$VENV/bin/python" -c "import sys, tensorrt; v = tensorrt.__version__; sys.exit(0 if int(v.split('.')[0]) >= 10 else f'TensorRT {v}: weight-only $PRECISION needs 10.0 or newer')"

@@ -171,3 +171,14 @@ def test_dry_run_bad_input_is_one_line(args, message, capsys):
     assert main(["compile", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+def test_the_head_option_changes_weight_only_artifacts_only():
+    from belle_edge.footprint import footprint, plan_config
+    from belle_edge.targets import TARGETS
+
+    cfg, orin = plan_config("llama-3.2-3b"), TARGETS["orin-agx"]
+    assert footprint(cfg, orin, "fp16", head="int8") == footprint(cfg, orin, "fp16")
+    smaller = footprint(cfg, orin, "int4").weights_bytes - footprint(cfg, orin, "int4", head="int8").weights_bytes
+    vocab_by_hidden = cfg.vocab_size * cfg.hidden_size
+    assert smaller == 2 * vocab_by_hidden - (vocab_by_hidden + 2 * cfg.vocab_size)  # fp16 -> int8 + a scale per row
