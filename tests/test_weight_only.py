@@ -62,8 +62,7 @@ def test_awq_folds_its_scales_without_changing_the_float_model(wide_model):
     ref = _logits(cfg, ckpt.state_dict, ids)
     assert torch.allclose(_logits(cfg, _unrounded(cfg, ckpt.state_dict, dense, quantized, plan), ids), ref,
                           atol=1e-3, rtol=1e-3)
-    if cfg.num_kv_heads == cfg.num_heads:  # BLOOM: v -> o is a scaling group too
-        assert any(name.endswith(".o") for name in plan.alphas)
+    assert any(name.endswith(".o") for name in plan.alphas)  # v -> o, GQA models (LLaMA, Qwen2) included
 
 
 def _unrounded(cfg, original, dense, quantized, plan):
@@ -81,9 +80,11 @@ def _unrounded(cfg, original, dense, quantized, plan):
     for group, s in plan.scales.items():
         layer, kind = group.split(".")[1], group.split(".")[2]
         previous = {"o": "attn.v_proj", "down": "mlp.up_proj"}.get(kind)
+        s = torch.from_numpy(s)
+        if kind == "o":  # under GQA the query heads of one v head share its factor: one per v channel
+            s = s.view(cfg.num_kv_heads, cfg.group_size, cfg.head_dim)[:, 0].reshape(-1)
         if previous:
-            out[f"layers.{layer}.{previous}.weight"] = out[f"layers.{layer}.{previous}.weight"] / \
-                torch.from_numpy(s)[:, None]
+            out[f"layers.{layer}.{previous}.weight"] = out[f"layers.{layer}.{previous}.weight"] / s[:, None]
     return out
 
 

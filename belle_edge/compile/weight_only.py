@@ -26,9 +26,9 @@ Methods:
   calibration tokens wins. Then each weight's per-group clipping range is searched (max|w| times 1,
   0.95 … 0.55) on the same output error, except q/k_proj, whose errors multiply in q·k.
 
-Scaling groups per layer, when the shapes allow: attn_norm → q/k/v; v_proj → o_proj (only without grouped
-KV heads: with GQA one v channel feeds several o inputs); mlp_norm → gate/up (or BLOOM's up); up_proj →
-down_proj (SwiGLU only: GELU is not linear in its input).
+Scaling groups per layer: attn_norm → q/k/v; v_proj → o_proj (with grouped KV heads one v channel feeds
+the same channel of each query head in its group, so those o inputs share one factor); mlp_norm →
+gate/up (or BLOOM's up); up_proj → down_proj (SwiGLU only: GELU is not linear in its input).
 
 The LM head (and a tied embedding, the same tensor) is fp16, or int8 per row with ``head="int8"``. An int4
 model may keep ``int8_share`` of its linear parameters at INT8: the tensors whose output error at INT4 is
@@ -249,6 +249,22 @@ class _ScalingGroup:
     name: str  # "layers.{i}.qkv" ...: also the key of its calibration inputs
     previous: tuple[str, ...]  # tensors whose output channels are divided by s (norm weight/bias, v/up rows)
     linears: tuple[str, ...]  # weights whose input channels are multiplied by s
+    shared: tuple[int, int, int] | None = None  # GQA v -> o: (kv heads, query heads per kv head, head dim)
+
+    def tie(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-channel statistic of o's input made equal across the query heads that read one v head, so
+        the factor can be folded into that v head's rows."""
+        if self.shared is None:
+            return v
+        kv, group, d = self.shared
+        return v.view(kv, group, d).mean(1, keepdim=True).expand(kv, group, d).reshape(-1)
+
+    def for_previous(self, s: torch.Tensor) -> torch.Tensor:
+        """The factor on the previous tensor's output channels (one per v channel under GQA)."""
+        if self.shared is None:
+            return s
+        kv, group, d = self.shared
+        return s.view(kv, group, d)[:, 0].reshape(-1)
 
 
 def _scaling_groups(cfg: ModelConfig, i: int, weights: dict) -> list[_ScalingGroup]:
@@ -256,9 +272,11 @@ def _scaling_groups(cfg: ModelConfig, i: int, weights: dict) -> list[_ScalingGro
     with_bias = lambda *names: tuple(n for n in names if n in weights)  # noqa: E731
     groups = [_ScalingGroup(p + "qkv", with_bias(p + "attn_norm.weight", p + "attn_norm.bias"),
                             tuple(p + f"attn.{x}_proj.weight" for x in "qkv"))]
-    if cfg.num_kv_heads == cfg.num_heads:  # v's output channels are o's input channels one to one
-        groups.append(_ScalingGroup(p + "o", with_bias(p + "attn.v_proj.weight", p + "attn.v_proj.bias"),
-                                    (p + "attn.o_proj.weight",)))
+    # v's output channels feed o's inputs: one to one, or (GQA) each to the query heads of its group, which
+    # then share its factor
+    shared = None if cfg.group_size == 1 else (cfg.num_kv_heads, cfg.group_size, cfg.head_dim)
+    groups.append(_ScalingGroup(p + "o", with_bias(p + "attn.v_proj.weight", p + "attn.v_proj.bias"),
+                                (p + "attn.o_proj.weight",), shared))
     mlp_in = ("gate", "up") if cfg.mlp == "swiglu" else ("up",)
     groups.append(_ScalingGroup(p + "mlp", with_bias(p + "mlp_norm.weight", p + "mlp_norm.bias"),
                                 tuple(p + f"mlp.{x}_proj.weight" for x in mlp_in)))
@@ -274,22 +292,24 @@ def _apply_awq(cfg: ModelConfig, weights: dict, inputs: dict, bits: int, plan: P
     for i in range(cfg.num_layers):
         for sg in _scaling_groups(cfg, i, weights):
             x = inputs[sg.name]
-            s, alpha = _search_scale(x, [weights[n] for n in sg.linears], bits, group)
+            s, alpha = _search_scale(x, [weights[n] for n in sg.linears], bits, group, sg.tie)
             plan.alphas[sg.name] = alpha
             if alpha is None:
                 continue
             plan.scales[sg.name] = s.numpy()
             for n in sg.linears:
                 weights[n] = weights[n] * s[None, :]
+            prev = sg.for_previous(s)
             for n in sg.previous:  # a (C,) norm weight/bias or the (C, K) rows of v_proj / up_proj
-                weights[n] = weights[n] / (s if weights[n].dim() == 1 else s[:, None])
+                weights[n] = weights[n] / (prev if weights[n].dim() == 1 else prev[:, None])
             inputs[sg.name] = x / s[None, :]  # what the linears now read (the clip search uses it)
 
 
-def _search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int | None
+def _search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int | None, tie=lambda v: v
                   ) -> tuple[torch.Tensor, float | None]:
     """The per-input-channel factor with the smallest output error after quantization; (ones, None) when
-    no factor beats the plain weights."""
+    no factor beats the plain weights. ``tie`` makes the statistics (so the factors) equal where they must
+    be."""
     w = torch.cat(ws)
     n, k = w.shape
     g = group or k
@@ -297,7 +317,8 @@ def _search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int
     x = _spread(x, SEARCH_TOKENS)
     ref = x @ w.T
     wg = w.abs().view(n, k // g, g)
-    w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-12)).view(n, k).mean(0)
+    w_mean = tie((wg / wg.amax(-1, keepdim=True).clamp(min=1e-12)).view(n, k).mean(0))
+    x_mean = tie(x_mean)
     best_loss = float(((x @ fake_quantize(w, bits, group).T) - ref).pow(2).mean())
     best = (torch.ones(k), None)
     for alpha in ALPHAS:
