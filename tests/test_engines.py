@@ -3,6 +3,7 @@ with our attention plugin and with TensorRT's native attention. No mocks of Tens
 TensorRT's: TensorRT-RTX engines do not run on SM80.)"""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -222,3 +223,4 @@ def test_default_model_weight_only_engines(tmp_path, precision):
     assert fid["top1_agreement"] >= (0.93 if precision == "int8" else 0.65), fid
     print(json.dumps({"precision": precision, "build": build, "fidelity": {k: fid[k] for k in
                                                                            ("kl_mean", "top1_agreement")}}))
+    shutil.rmtree(tmp_path / "art")  # 1.6-1.8 GB of ONNX and engine: not kept with pytest's last runs
