@@ -101,25 +101,35 @@ def quantize_weight_only(cfg: ModelConfig, state_dict: dict, tokenizer, request:
         if request.bits == 4 and k % GROUP:
             raise InputError(f"{name}: input width {k} is not a multiple of {GROUP}; INT4 group-{GROUP} weights "
                              "need one (use int8, or prune to a width that is)")
-    weights = {k: v.detach().float().cpu().clone() for k, v in state_dict.items()}
+    # no copy: every change below makes new tensors (a 3B model in fp32 is 12 GB; it is held once)
+    weights = {k: v.detach().float().cpu() for k, v in state_dict.items()}
     plan = Plan()
     calibration = None
     if request.method == "awq" or (request.bits == 4 and request.int8_share > 0):
         calibration = _calibrate(cfg, weights, tokenizer, request)
-    if request.method == "awq":
-        _apply_awq(cfg, weights, calibration.inputs, request.bits, plan)
-    promoted = _most_sensitive(names, weights, calibration, request.int8_share) if request.bits == 4 else set()
+    awq = request.method == "awq"
+    promoted = set()
+    if request.bits == 4 and request.int8_share > 0:  # ranking the tensors needs every layer scaled first
+        for i in range(cfg.num_layers):
+            if awq:
+                _apply_awq(cfg, i, weights, calibration.inputs, request.bits, plan)
+        promoted, awq = _most_sensitive(names, weights, calibration, request.int8_share), False
     quantized = {}
-    for name in names:
-        bits = 8 if name in promoted else request.bits
-        x = calibration.inputs_of(name) if calibration is not None and request.method == "awq" else None
-        clip = x is not None and bits == 4 and not name.endswith(("q_proj.weight", "k_proj.weight"))
-        quantized[name] = _quantize(weights[name], bits, GROUP if bits == 4 else None, request.method,
-                                    x if clip else None, plan, name)
+    for i in range(cfg.num_layers):  # layer by layer, so only one layer's scaled float weights are held
+        if awq:
+            _apply_awq(cfg, i, weights, calibration.inputs, request.bits, plan)
+        for name in (n for n in names if n.startswith(f"layers.{i}.")):
+            bits = 8 if name in promoted else request.bits
+            x = calibration.inputs_of(name) if calibration is not None and request.method == "awq" else None
+            clip = x is not None and bits == 4 and not name.endswith(("q_proj.weight", "k_proj.weight"))
+            quantized[name] = _quantize(weights.pop(name), bits, GROUP if bits == 4 else None, request.method,
+                                        x if clip else None, plan, name)
+        if calibration is not None:
+            calibration.drop_layer(i)
     head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
     if request.head == "int8":
         quantized[head] = _quantize(weights[head], 8, None, "rtn", None, plan, head)  # rows: vocabulary entries
-    dense = {k: v for k, v in weights.items() if k not in quantized}
+    dense = {k: v for k, v in weights.items() if k not in quantized}  # norms (with AWQ's factors), biases, ...
     record = _record(cfg, request, quantized, plan, calibration, time.perf_counter() - t0)
     return dense, quantized, record, plan
 
@@ -201,6 +211,11 @@ class Calibration:
     inputs: dict[str, torch.Tensor]  # "layers.{i}.{qkv|o|mlp|down}" -> (T, K) inputs, fp32
     tokens: int
     description: str
+
+    def drop_layer(self, i: int) -> None:
+        """Free layer ``i``'s inputs once its linears are quantized."""
+        for key in [k for k in self.inputs if k.startswith(f"layers.{i}.")]:
+            del self.inputs[key]
 
     def inputs_of(self, name: str) -> torch.Tensor | None:
         layer, kind = name.split(".")[1], name.split(".")[3]
@@ -287,22 +302,23 @@ def _scaling_groups(cfg: ModelConfig, i: int, weights: dict) -> list[_ScalingGro
 
 
 @torch.no_grad()
-def _apply_awq(cfg: ModelConfig, weights: dict, inputs: dict, bits: int, plan: Plan) -> None:
+def _apply_awq(cfg: ModelConfig, i: int, weights: dict, inputs: dict, bits: int, plan: Plan) -> None:
+    """Search and fold layer ``i``'s scaling factors (its groups in order: a v_proj scaled as a linear of
+    q/k/v is then divided as the previous tensor of o)."""
     group = GROUP if bits == 4 else None
-    for i in range(cfg.num_layers):
-        for sg in _scaling_groups(cfg, i, weights):
-            x = inputs[sg.name]
-            s, alpha = _search_scale(x, [weights[n] for n in sg.linears], bits, group, sg.tie)
-            plan.alphas[sg.name] = alpha
-            if alpha is None:
-                continue
-            plan.scales[sg.name] = s.numpy()
-            for n in sg.linears:
-                weights[n] = weights[n] * s[None, :]
-            prev = sg.for_previous(s)
-            for n in sg.previous:  # a (C,) norm weight/bias or the (C, K) rows of v_proj / up_proj
-                weights[n] = weights[n] / (prev if weights[n].dim() == 1 else prev[:, None])
-            inputs[sg.name] = x / s[None, :]  # what the linears now read (the clip search uses it)
+    for sg in _scaling_groups(cfg, i, weights):
+        x = inputs[sg.name]
+        s, alpha = _search_scale(x, [weights[n] for n in sg.linears], bits, group, sg.tie)
+        plan.alphas[sg.name] = alpha
+        if alpha is None:
+            continue
+        plan.scales[sg.name] = s.numpy()
+        for n in sg.linears:
+            weights[n] = weights[n] * s[None, :]
+        prev = sg.for_previous(s)
+        for n in sg.previous:  # a (C,) norm weight/bias or the (C, K) rows of v_proj / up_proj
+            weights[n] = weights[n] / (prev if weights[n].dim() == 1 else prev[:, None])
+        inputs[sg.name] = x / s[None, :]  # what the linears now read (the clip search uses it)
 
 
 def _search_scale(x: torch.Tensor, ws: list[torch.Tensor], bits: int, group: int | None, tie=lambda v: v
