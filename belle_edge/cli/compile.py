@@ -133,8 +133,7 @@ def run_quantize(args) -> int:
 
     weight_only = None
     if get_target(args.target).gpu:
-        method = args.quant_method or ("awq" if args.precision == "int4" else "rtn")
-        weight_only = WeightOnlyRequest(args.precision, method, args.head, args.calibration_tokens,
+        weight_only = WeightOnlyRequest(args.precision, args.quant_method, args.head, args.calibration_tokens,
                                         int8_share=args.int8_share)
     ckpt = load_checkpoint(args.model, allow_pickle=args.allow_pickle, chat_format=args.chat_format)
     _, record = quantize_to_folder(ckpt, args.precision, args.out, block_size=args.block_size, force=args.force,

@@ -82,8 +82,7 @@ class CompileConfig:
     @property
     def weight_only(self) -> WeightOnlyRequest:
         """The GPU targets' quantization request (weight_only.py)."""
-        method = self.quant_method or ("awq" if self.precision == "int4" else "rtn")
-        return WeightOnlyRequest(self.precision, method, self.head, self.calibration_tokens,
+        return WeightOnlyRequest(self.precision, self.quant_method, self.head, self.calibration_tokens,
                                  int8_share=self.int8_share)
 
     @property

@@ -61,13 +61,15 @@ LAYOUT = "symmetric"
 @dataclass(frozen=True)
 class WeightOnlyRequest:
     precision: str  # "int4" | "int8"
-    method: str = "awq"
+    method: str | None = None  # "awq" | "rtn"; None: awq for int4, rtn for int8 (where rounding costs little)
     head: str = "fp16"  # the LM head (and a tied embedding): "fp16" | "int8"
     calibration_tokens: int = 512
     texts: tuple[str, ...] | None = None  # calibration texts; None: core/texts.py's calibration half
     int8_share: float = 0.0  # int4: this share of the linears' parameters kept at INT8, the most sensitive first
 
     def __post_init__(self):
+        if self.method is None:
+            object.__setattr__(self, "method", "awq" if self.precision == "int4" else "rtn")
         if not 0.0 <= self.int8_share <= 1.0:
             raise InputError(f"--int8-share {self.int8_share}: expected a share between 0 and 1")
         if self.precision not in ("int4", "int8"):
@@ -107,16 +109,14 @@ def quantize_weight_only(cfg: ModelConfig, state_dict: dict, tokenizer, request:
     calibration = None
     if request.method == "awq" or (request.bits == 4 and request.int8_share > 0):
         calibration = _calibrate(cfg, weights, tokenizer, request)
-    awq = request.method == "awq"
-    promoted = set()
-    if request.bits == 4 and request.int8_share > 0:  # ranking the tensors needs every layer scaled first
+    awq, rank = request.method == "awq", request.bits == 4 and request.int8_share > 0
+    if awq and rank:  # ranking the tensors needs every layer scaled first
         for i in range(cfg.num_layers):
-            if awq:
-                _apply_awq(cfg, i, weights, calibration.inputs, request.bits, plan)
-        promoted, awq = _most_sensitive(names, weights, calibration, request.int8_share), False
+            _apply_awq(cfg, i, weights, calibration.inputs, request.bits, plan)
+    promoted = _most_sensitive(names, weights, calibration, request.int8_share) if rank else set()
     quantized = {}
     for i in range(cfg.num_layers):  # layer by layer, so only one layer's scaled float weights are held
-        if awq:
+        if awq and not rank:
             _apply_awq(cfg, i, weights, calibration.inputs, request.bits, plan)
         for name in (n for n in names if n.startswith(f"layers.{i}.")):
             bits = 8 if name in promoted else request.bits
