@@ -49,6 +49,7 @@ def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name:
     from .default_model import NAME as DEFAULT_NAME
     from .models.decoder import Decoder
     from .runtime.backends.torch_backend import TorchBackend
+    from .runtime.backends.torch_pool import TorchPool
 
     try:
         dev = torch.device(device)
@@ -66,6 +67,7 @@ def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name:
         tokenizer=ckpt.tokenizer, chat_format=ckpt.chat_format, stop_token_ids=ckpt.stop_token_ids,
         max_positions=ckpt.config.max_positions, fingerprint=ckpt.fingerprint,
         backend_factory=lambda capacity: TorchBackend(decoder, capacity), backend_name="torch",
+        pool_factory=lambda slots, capacity: TorchPool(decoder, slots, capacity),
     )
 
 

@@ -33,3 +33,11 @@ class SessionFileError(BelleEdgeError):
 
 class MissingDependencyError(BelleEdgeError):
     """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+class QueueFullError(BelleEdgeError):
+    """The batched engine's waiting queue is full: try again later (HTTP 429)."""
+
+
+class EngineClosedError(BelleEdgeError):
+    """The batched engine is shutting down and takes no new requests (HTTP 503)."""

@@ -101,7 +101,9 @@ class Attention(nn.Module):
 
     def forward(self, x, mask_bias, rel_pos, rope, cache: KVCache | None, start: int,
                 fused: FusedInputs | None = None):
-        # x: (B, T, C); mask_bias: (T, K) float, 0 or -inf; rel_pos: (T, K) p_k - p_q; rope: (cos, sin) or None
+        # x: (B, T, C); mask_bias: (B or 1, T, K) float, 0 or -inf; rel_pos: (B or 1, T, K) p_k - p_q;
+        # rope: (cos, sin) of (B or 1, 1, T, D), or None. ``cache``: a KVCache, or anything with its ``write``
+        # (the batched runtime's view of several sequences' slots, runtime/backends/torch_pool.py)
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -117,11 +119,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.write(start, k, v)  # (B, Hkv, K, D)
-        bias = mask_bias[None]  # (1, T, K)
+        bias = mask_bias[:, None]  # (B or 1, 1, T, K)
         if cfg.positions == "alibi":
             # slope * (p_k - p_q): the same per-row shift as BLOOM's slope * p_k, softmax ignores it
-            bias = bias + self.alibi_slopes.float()[:, None, None] * rel_pos[None]  # (H, T, K)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None],
+            bias = bias + self.alibi_slopes.float()[None, :, None, None] * rel_pos[:, None]  # (B or 1, H, T, K)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                              enable_gqa=cfg.group_size > 1)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, cfg.q_size))
 
@@ -180,9 +182,11 @@ class Decoder(nn.Module):
                 fused: FusedInputs | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) with ``last_only``.
 
-        input_ids: (B, T). positions, turns: (T,) absolute position and turn of each new token.
-        With ``caches``, the new K/V go to slots [start, start+T) and attention covers slots [0, start+T),
-        whose positions and turns are ``key_positions`` / ``key_turns`` (start+T,). Without, the keys are
+        input_ids: (B, T). positions, turns: (T,) absolute position and turn of each new token, shared by the
+        rows, or (B, T), one row each (the batched runtime). With ``caches``, the new K/V go to slots
+        [start, start+T) and attention covers slots [0, start+T), whose positions and turns are
+        ``key_positions`` / ``key_turns`` (start+T,) or (B, K) (a row's unused slots at a position no query
+        reaches, so causality hides them). Without, the keys are
         the new tokens themselves. With ``fused`` (CUDA, ``caches`` required), ``input_ids`` is a device
         tensor and the tables come from ``fused`` instead of the arguments. ``allowed`` (T, K) bool replaces
         the mask computed from the tables: training rows that pack several dialogues pass ``mask.visible``
@@ -195,12 +199,17 @@ class Decoder(nn.Module):
         q_pos, q_turn = _as_tensor(positions, device), _as_tensor(turns, device)
         k_pos = q_pos if key_positions is None else _as_tensor(key_positions, device)
         k_turn = q_turn if key_turns is None else _as_tensor(key_turns, device)
-        if allowed is None:
-            allowed = visible(q_pos[:, None], q_turn[:, None], k_pos[None, :], k_turn[None, :], mask)  # (T, K)
+        q_pos, q_turn, k_pos, k_turn = (a if a.dim() == 2 else a[None] for a in (q_pos, q_turn, k_pos, k_turn))
+        if allowed is None:  # (B or 1, T, K)
+            allowed = visible(q_pos[..., :, None], q_turn[..., :, None], k_pos[..., None, :], k_turn[..., None, :], mask)
         allowed = allowed.to(device)
+        if allowed.dim() == 2:
+            allowed = allowed[None]
         mask_bias = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
-        rel_pos = (k_pos[None, :] - q_pos[:, None]).float()
-        rope = rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta) if self.cfg.positions == "rope" else None
+        rel_pos = (k_pos[..., None, :] - q_pos[..., :, None]).float()
+        rope = None
+        if self.cfg.positions == "rope":
+            rope = tuple(t[:, None] for t in rope_tables(q_pos, self.cfg.head_dim, self.cfg.rope_theta))
 
         x = self.embed(input_ids)  # (B, T, C)
         if self.embed_norm is not None:

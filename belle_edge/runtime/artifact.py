@@ -38,13 +38,15 @@ def load_artifact(folder: str, *, threads: int | None = None, backend: str = "au
                 raise
             if rt.backend == "tensorrt":  # a GPU artifact; a cpu one runs on ONNX Runtime by design
                 print(f"belle-edge: {folder} runs on ONNX Runtime (CPU) from its ONNX: {e}", file=sys.stderr)
+    pool_factory = None
     if factory is None:
-        factory = _onnxruntime(folder, manifest, threads)
+        factory, pool_factory = _onnxruntime(folder, manifest, threads)
     return ChatModel(
         name=f"{manifest.source.name} [{manifest.target}/{manifest.precision}]",
         tokenizer=tokenizer, chat_format=chat_format_from_dict(manifest.chat_format),
         stop_token_ids=frozenset(rt.stop_token_ids), max_positions=rt.max_positions,
         fingerprint=rt.fingerprint, backend_factory=factory, backend_name=name, max_kv_tokens=limit,
+        pool_factory=pool_factory,
     )
 
 
@@ -62,14 +64,19 @@ def _tensorrt(folder: str, manifest: Manifest):
 
 
 def _onnxruntime(folder: str, manifest: Manifest, threads: int | None):
+    """(backend factory, pool factory): one InferenceSession, shared by every session and pool."""
     from .backends.ort_backend import OrtBackend, make_session
+    from .backends.ort_pool import OrtPool
 
     rt, cfg = manifest.runtime, manifest.model
     session = make_session(os.path.join(folder, rt.onnx), threads=threads)
+    shape = dict(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                 vocab_size=cfg.vocab_size, kv_dtype=rt.kv_dtype)
 
     def factory(capacity: int) -> OrtBackend:
-        return OrtBackend(session, num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads,
-                          head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, kv_dtype=rt.kv_dtype,
-                          capacity=capacity)
+        return OrtBackend(session, capacity=capacity, **shape)
 
-    return factory
+    def pool_factory(slots: int, capacity: int) -> OrtPool:
+        return OrtPool(session, slots=slots, capacity=capacity, **shape)
+
+    return factory, pool_factory

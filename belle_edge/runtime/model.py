@@ -10,7 +10,7 @@ from typing import Callable
 from tokenizers import Tokenizer
 
 from ..mask import MaskConfig
-from .backends.base import Backend
+from .backends.base import Backend, BatchBackend
 from .chat_format import ChatFormat
 from .sampler import SamplingConfig
 from .session import ChatSession
@@ -29,6 +29,8 @@ class ChatModel:
     backend_factory: Callable[[int], Backend]  # capacity (KV slots) -> a fresh backend for one session
     backend_name: str = "torch"
     max_kv_tokens: int | None = None  # the most the backend can hold (a TensorRT engine's KV range), if bounded
+    # (slots, capacity) -> a KV pool for the batched engine (runtime/engine.py); None where the backend has none
+    pool_factory: Callable[[int, int], BatchBackend] | None = None
 
     @property
     def default_capacity(self) -> int:

@@ -70,24 +70,21 @@ class ChatSession:
 
     def __init__(self, model, *, system: str | None = None, mask: MaskConfig | None = None,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
-                 max_kv_tokens: int | None = None, stop: tuple[str, ...] = (), prefill_chunk: int = 512):
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+                 max_kv_tokens: int | None = None, stop: tuple[str, ...] = (), prefill_chunk: int = 512,
+                 backend=None):
+        """``backend``: one made for this session (the batched engine's slot of a shared pool); by default
+        the model's factory makes one."""
         self.model = model
         self.system = system or None
         self.mask = mask or MaskConfig()
-        self.sampling = sampling or SamplingConfig()
-        self.max_new_tokens = max_new_tokens
         self.prefill_chunk = prefill_chunk
-        capacity = max_kv_tokens or model.default_capacity
+        capacity = max_kv_tokens or (backend.capacity if backend is not None else model.default_capacity)
         if capacity < 2:
             raise InputError(f"max_kv_tokens: expected >= 2, got {capacity}")
-        self.backend = model.backend_factory(capacity)
+        self.backend = backend if backend is not None else model.backend_factory(capacity)
         self.ledger = CacheLedger(capacity)
-        self.sampler = Sampler(self.sampling)
-        self.stop = tuple(stop)  # extra stop strings, beyond the chat format's
         self._fmt = model.chat_format
-        self._stops = tuple(self._fmt.stop_strings) + self.stop
+        self.configure(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop)
         self._active = None  # the reply iterator in flight, if any
         self._epoch = 0  # bumped by reset(): a stale reply iterator must not touch the new dialogue
         self._clear()
@@ -103,6 +100,18 @@ class ChatSession:
         self._shifts = 0  # context shifts so far
 
     # ---------------------------------------------------------------- public API
+    def configure(self, *, sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
+                  stop: tuple[str, ...] = ()) -> None:
+        """How the next replies are generated: sampling (its seed restarts the random stream), length
+        limit, extra stop strings beyond the chat format's. The dialogue is untouched."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens: expected a whole number >= 1, got {max_new_tokens!r}")
+        self.sampling = sampling or SamplingConfig()
+        self.sampler = Sampler(self.sampling)
+        self.max_new_tokens = max_new_tokens
+        self.stop = tuple(stop)  # extra stop strings, beyond the chat format's
+        self._stops = tuple(self._fmt.stop_strings) + self.stop
+
     def reset(self) -> None:
         """Forget the dialogue (the system prompt and settings stay)."""
         self._close_active()

@@ -15,7 +15,10 @@ from typing import Protocol
 
 import numpy as np
 
-from ...mask import MaskConfig
+from ...mask import FUTURE_POSITION, MaskConfig
+
+#: The position of an unused key slot in a batched forward: later than any query, so never visible.
+UNREACHABLE_POSITION = FUTURE_POSITION
 
 
 class Backend(Protocol):
@@ -102,3 +105,44 @@ def zeroed_host_buffer(shape, dtype) -> np.ndarray:
     if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux: also opts out where huge pages are "always" on
         mm.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(mm, dtype=dtype, count=count).reshape(shape)
+
+
+class BatchBackend(Protocol):
+    """A pool of KV slots for many sequences over one copy of the weights (the batched engine,
+    runtime/engine.py). Slot ``s`` holds one sequence's cache, ``capacity`` tokens at most, with its own
+    key table; the pool is allocated once, so its memory is bounded from the start."""
+
+    name: str
+    slots: int  # sequences the pool holds
+    capacity: int  # KV tokens per slot
+    vocab_size: int
+
+    def n(self, slot: int) -> int:
+        """Tokens slot ``slot`` holds."""
+        ...
+
+    def forward_rows(self, rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], *,
+                     mask: MaskConfig) -> np.ndarray:
+        """One step for several sequences: rows of (slot, token ids (T,), positions (T,), turns (T,)), the
+        same T for all, each in a different slot; as :meth:`Backend.forward` per row. Returns (rows, V)."""
+        ...
+
+    def truncate(self, slot: int, n: int) -> None: ...
+
+    def keep(self, slot: int, slots: np.ndarray) -> None: ...
+
+    def read_kv(self, slot: int) -> np.ndarray: ...
+
+    def write_kv(self, slot: int, kv: np.ndarray, positions: np.ndarray, turns: np.ndarray) -> None: ...
+
+
+def padded_key_tables(tables: list[KeyTable], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, length) positions and turns of several sequences' keys, for one batched forward: each row's
+    slots past its own ``n`` sit at a position no query reaches, so the mask's causality hides them (the
+    mask itself stays as belle_edge/mask.py defines it)."""
+    positions = np.full((len(tables), length), UNREACHABLE_POSITION, dtype=np.int64)
+    turns = np.zeros((len(tables), length), dtype=np.int64)
+    for row, table in enumerate(tables):
+        positions[row, :table.n] = table.positions
+        turns[row, :table.n] = table.turns
+    return positions, turns
