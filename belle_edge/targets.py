@@ -48,6 +48,7 @@ class Target:
     bandwidth_gbs: float | None  # peak memory bandwidth (None for "any CPU": measure it)
     precisions: tuple[str, ...]
     builders: tuple[str, ...]  # keys of BUILDERS, in order of preference
+    max_batch: int = 1  # sequences an engine's profiles take by default (the batched server's slots)
 
     def __post_init__(self):
         for name in self.builders:
@@ -70,16 +71,19 @@ class Target:
 
 TARGETS = {t.name: t for t in (
     Target("orin-agx", "Jetson AGX Orin 64GB (JetPack 6.x)", 87, 64, 204.8, ("fp16", "int8", "int4"),
-           ("tensorrt-on-device",)),
+           ("tensorrt-on-device",), max_batch=2),
     Target("orin-nx", "Jetson Orin NX 16GB (JetPack 6.x)", 87, 16, 102.4, ("fp16", "int8", "int4"),
-           ("tensorrt-on-device",)),
+           ("tensorrt-on-device",), max_batch=2),
     Target("orin-nano", "Jetson Orin Nano 8GB (JetPack 6.x)", 87, 8, 68.0, ("fp16", "int8", "int4"),
-           ("tensorrt-on-device",)),
-    Target("rtx3090", "GeForce RTX 3090 24GB", 86, 24, 936, ("fp16", "int8", "int4"), ("tensorrt-rtx", "tensorrt")),
-    Target("a100", "A100 80GB SXM", 80, 80, 2039, ("fp16", "bf16", "int8", "int4"), ("tensorrt",)),
-    Target("a100-40", "A100 40GB", 80, 40, 1555, ("fp16", "bf16", "int8", "int4"), ("tensorrt",)),
-    Target("h100", "H100 80GB SXM", 90, 80, 3350, ("fp16", "bf16", "fp8", "int8", "int4"), ("tensorrt",)),
-    Target("h200", "H200 141GB SXM", 90, 141, 4800, ("fp16", "bf16", "fp8", "int8", "int4"), ("tensorrt",)),
+           ("tensorrt-on-device",), max_batch=2),
+    Target("rtx3090", "GeForce RTX 3090 24GB", 86, 24, 936, ("fp16", "int8", "int4"), ("tensorrt-rtx", "tensorrt"),
+           max_batch=4),
+    Target("a100", "A100 80GB SXM", 80, 80, 2039, ("fp16", "bf16", "int8", "int4"), ("tensorrt",), max_batch=16),
+    Target("a100-40", "A100 40GB", 80, 40, 1555, ("fp16", "bf16", "int8", "int4"), ("tensorrt",), max_batch=16),
+    Target("h100", "H100 80GB SXM", 90, 80, 3350, ("fp16", "bf16", "fp8", "int8", "int4"), ("tensorrt",),
+           max_batch=16),
+    Target("h200", "H200 141GB SXM", 90, 141, 4800, ("fp16", "bf16", "fp8", "int8", "int4"), ("tensorrt",),
+           max_batch=16),
     Target("cpu", "any CPU (ONNX Runtime)", None, 0, None, ("fp32", "fp16", "int8", "int4"), ("onnxruntime",)),
 )}
 ALIASES = {"orin": "orin-agx"}

@@ -56,6 +56,10 @@ def test_an_artifact_chats_with_torch_unimportable(artifact):
         session = model.session(max_new_tokens=6)
         for message in ("你好", "Thanks!"):
             session.send(message)
+        from belle_edge.runtime.engine import BatchEngine, EngineConfig
+        with BatchEngine(model, EngineConfig(max_batch=2, kv_tokens=128)) as engine:  # the batched engine too
+            gens = [engine.submit([{"role": "user", "content": m}], max_tokens=4) for m in ("你好", "Thanks!")]
+            assert all(isinstance("".join(g), str) and g.finish_reason for g in gens)
         assert "torch" not in sys.modules
         print("chatted", session.turn, "turns on", model.backend_name)
     ''')

@@ -42,6 +42,7 @@ def test_tiny_bloom_engines_carry_their_target_and_attention(tmp_path, tiny_bloo
     # TensorRT-RTX: one profile spanning prefill and decode (it stores weights once per profile)
     assert [p.name for p in engine.profiles] == ["prefill+decode"]
     assert engine.profiles[0].past == (0, 1024) and engine.profiles[0].new_tokens == (1, 128)
+    assert engine.profiles[0].batch == (1, 4)  # rtx3090's default: four dialogues per step (batched serving)
     assert 0 < details["builder_baseline_rss_mb"] <= details["builder_parsed_rss_mb"] <= details["builder_peak_rss_mb"]
     assert build.seconds > 0
     art = read_manifest(str(tmp_path / "art"), verify_hashes=True)

@@ -25,6 +25,9 @@ SCRIPT = textwrap.dedent('''
     from belle_edge.runtime.model import ChatModel
     from belle_edge.runtime.sampler import Sampler, SamplingConfig
     from belle_edge.runtime.session import ChatSession
+    from belle_edge.runtime.engine import BatchEngine, parse_messages
+    from belle_edge.runtime.backends.ort_pool import OrtPool
+    from belle_edge.runtime.scheduler import StepScheduler
 
     tok = Tokenizer.from_file(sys.argv[1])
     text = "你好！订单已经发货了。"

@@ -79,6 +79,8 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                                                      "fp16 for GPU targets, a quantized checkpoint's own)")
     p.add_argument("--attention", default="plugin", help="GPU targets: plugin (ours) | native (TensorRT's)")
     p.add_argument("--max-kv-tokens", type=int, default=4096, help="KV cache to budget and build for")
+    p.add_argument("--max-batch", type=int, default=None, help="GPU engines: sequences per step in their profiles "
+                   "(default per target: 2 Orin, 4 rtx3090, 16 a100/h100)")
     _add_source_args(p)
 
 
@@ -87,7 +89,7 @@ def _config(args, **overrides):
 
     fields = dict(out=args.out, model=args.model, target=args.target, precision=args.precision, force=args.force,
                   chat_format=args.chat_format, allow_pickle=args.allow_pickle, attention=args.attention,
-                  max_kv_tokens=args.max_kv_tokens)
+                  max_kv_tokens=args.max_kv_tokens, max_batch=args.max_batch)
     return CompileConfig(**{**fields, **overrides})
 
 

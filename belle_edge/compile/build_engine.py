@@ -78,6 +78,7 @@ class EngineStage:
     attention: str  # what the ONNX holds: "plugin" | "native"
     max_prefill: int = 512
     max_kv_tokens: int = 4096  # the profiles' longest past: this or the model's positions, the fewer
+    max_batch: int = 1  # the profiles' largest batch (the batched server's sequences per step)
 
     name = "build"
     reads = "model.onnx of the artifact"
@@ -89,7 +90,7 @@ class EngineStage:
     def _build(self, job: "Job") -> dict:
         model = job.exported.config if job.exported is not None else job.previous.model
         record = build_engine(os.path.join(job.artifact, "model.onnx"), job.artifact, sm=self.target.sm,
-                              attention=self.attention, max_prefill=self.max_prefill,
+                              attention=self.attention, max_prefill=self.max_prefill, max_batch=self.max_batch,
                               max_past=min(self.max_kv_tokens, model.max_positions), flavour=self.builder.module)
         job.engine = engine_info(record)
         keep = ("layers", "weight_only_layers", "weights_bytes", "compute_capability", "builder_peak_rss_mb",

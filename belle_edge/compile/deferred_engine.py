@@ -30,7 +30,8 @@ def build_artifact_engine(artifact: str, *, flavour: str | None = None, progress
     settings = manifest.settings
     job = Job(artifact=artifact, previous=manifest)
     run_stages(job, [EngineStage(target, builder, manifest.runtime.attention, int(settings.get("max_prefill", 512)),
-                                 int(settings.get("max_kv_tokens", 4096))),
+                                 int(settings.get("max_kv_tokens", 4096)),
+                                 int(settings.get("max_batch") or target.max_batch)),
                      PackageStage(target, manifest.precision, settings)], progress=progress)
     return job.records[0]
 

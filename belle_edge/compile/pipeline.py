@@ -57,6 +57,7 @@ class CompileConfig:
     attention: str = "plugin"  # GPU targets: our plugin layer, or "native" (TensorRT's attention + explicit mask)
     engine: bool = True  # GPU targets: build the engine here (False: later, with `belle-edge build-engine`)
     max_prefill: int = 512  # GPU engines: the prefill profile's longest chunk
+    max_batch: int | None = None  # GPU engines: sequences per step (None: the target's default, targets.py)
     prune: PruneRequest | None = None  # structured pruning right after load
     quant_method: str | None = None  # GPU int4/int8: "awq" | "rtn" (None: awq for int4, rtn for int8)
     head: str = "fp16"  # GPU int4/int8: the LM head (and a tied embedding) in "fp16" or "int8"
@@ -76,6 +77,10 @@ class CompileConfig:
                              "or with int8/int4 weight-only linears")
         if target.gpu and self.precision in PRECISION_BITS:
             self.weight_only  # checks method and head now, before any stage runs
+        if self.max_batch is None:
+            object.__setattr__(self, "max_batch", target.max_batch)
+        if not isinstance(self.max_batch, int) or not 1 <= self.max_batch <= 256:
+            raise InputError(f"--max-batch: expected a whole number from 1 to 256, got {self.max_batch!r}")
         if self.block_size not in BLOCK_SIZES:
             raise InputError(f"block size {self.block_size}: expected {', '.join(map(str, BLOCK_SIZES))}")
 
@@ -114,7 +119,8 @@ def plan_stages(config: CompileConfig) -> list[Stage]:
         builder = choose_builder(target)
         if builder is None:
             raise no_builder_error(target)
-        stages.append(EngineStage(target, builder, config.attention, config.max_prefill, config.max_kv_tokens))
+        stages.append(EngineStage(target, builder, config.attention, config.max_prefill, config.max_kv_tokens,
+                                  config.max_batch))
     stages.append(PackageStage(target, config.precision, config.settings))
     return stages
 

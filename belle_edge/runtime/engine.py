@@ -301,6 +301,10 @@ class BatchEngine:
                                  kv_tokens_capacity=self.pool.slots * self.pool.capacity, slots_busy=busy,
                                  slots_idle=idle, slots_total=len(self._slots))
 
+    def pool_steps(self) -> tuple[int, int]:
+        """(batched decode steps run, sequences they carried): their quotient is the mean batch."""
+        return self._scheduler.steps, self._scheduler.decode_rows
+
     def close(self, timeout: float = 10.0) -> None:
         """Take no new requests; let the running ones finish for up to ``timeout`` seconds, then cancel them."""
         with self._cond:
