@@ -188,3 +188,29 @@ def test_an_overlong_message_fails_alone_and_the_engine_goes_on(qwen2_model):
         assert "".join(good) == "".join(engine.submit(_messages([], "你好"), max_tokens=4,
                                                       sampling=SamplingConfig(temperature=0.8, seed=3)))
         assert engine.metrics().slots_busy == 0
+
+
+@pytest.mark.parametrize("which", ["qwen2_model", "bloom_model"])
+def test_the_fused_pool_path_equals_the_reference_path(request, which):
+    """The kernels' path (CUDA) runs the whole pool through the fused op with one start; on CPU the op is
+    its reference implementation, so this checks the padding, the idle rows and the moves without a GPU."""
+    from belle_edge.runtime.backends.torch_pool import TorchPool
+
+    model = request.getfixturevalue(which)
+    decoder = model.pool_factory(1, 8).decoder
+    pools = [TorchPool(decoder, 4, 64, fused=False), TorchPool(decoder, 4, 64, fused=True)]
+    mask = MaskConfig(window=1, sinks=2)
+    rng = np.random.default_rng(1)
+    prompts = {0: rng.integers(0, 200, size=6), 2: rng.integers(0, 200, size=11), 3: rng.integers(0, 200, size=2)}
+    results = []
+    for pool in pools:
+        out = [pool.forward_rows([(s, p, np.arange(len(p)), np.full(len(p), 1 + s % 2))], mask=mask)
+               for s, p in prompts.items()]
+        for step in range(3):  # slot 1 stays idle; 0, 2, 3 decode together at different lengths
+            rows = [(s, np.array([5 + step]), np.array([len(p) + step]), np.array([1 + s % 2])) for s, p in prompts.items()]
+            out.append(pool.forward_rows(rows, mask=mask))
+        results.append((out, [pool.read_kv(s) for s in prompts]))
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
