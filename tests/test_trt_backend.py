@@ -390,3 +390,55 @@ def test_chat_cli_backend_choice(artifact, tiny_llama_dir):
                             text=True, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "a checkpoint runs on torch" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.gpu
+def test_kv_pool_device_copies_match_numpy():
+    """The TensorRT pool's gathers, scatters and compaction (trt_pool.py), on any CUDA GPU."""
+    from belle_edge.runtime.backends.trt_pool import TrtPool
+
+    reason = cuda_device.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cuda = cuda_device.open_device()
+    engine = _KvOnlyEngine(cuda, layers=2, kv_heads=2, head_dim=8, max_past=63)
+    engine.max_batch = 3
+    pool = TrtPool(engine, slots=3, capacity=32)
+    with pytest.raises(InputError, match="at most 3 sequences"):
+        TrtPool(engine, slots=4, capacity=32)
+    rng = np.random.default_rng(0)
+    kvs = {s: rng.standard_normal((2, 2, 2, n, 8)).astype(np.float16) for s, n in ((0, 5), (1, 12), (2, 0))}
+    for s, kv in kvs.items():
+        pool.write_kv(s, kv, np.arange(kv.shape[3]), np.zeros(kv.shape[3], np.int64))
+        np.testing.assert_array_equal(pool.read_kv(s), kv.astype(np.float32))
+    # gather rows (1, 0, 2) padded to 12 tokens, as the engine's ``past`` would see them
+    past, seg = pool._gather([1, 0, 2], 12)
+    staged = np.empty((2 * 2, 3, 2, 12, 8), np.float16)
+    for lk in range(4):
+        cuda.dtoh(staged[lk], past + lk * seg, engine.stream)
+    cuda.sync(engine.stream)
+    for row, s in enumerate((1, 0, 2)):
+        n = kvs[s].shape[3]
+        np.testing.assert_array_equal(staged[:, row, :, :n], kvs[s].reshape(4, 2, n, 8))
+    # scatter: a fake ``present`` of 12 + 2 tokens per row; rows' last 2 tokens land after each slot's n
+    present_host = rng.standard_normal((4, 3, 2, 14, 8)).astype(np.float16)
+    out_seg = present_host[0].nbytes
+    present = cuda.malloc(4 * out_seg)
+    for lk in range(4):
+        cuda.htod(present + lk * out_seg, np.ascontiguousarray(present_host[lk]), engine.stream)
+    cuda.sync(engine.stream)
+    pool._scatter([1, 0, 2], present, out_seg, 12, 2)
+    cuda.sync(engine.stream)
+    for row, s in enumerate((1, 0, 2)):
+        n = kvs[s].shape[3]
+        pool.tables[s].append(np.arange(n, n + 2), np.zeros(2, np.int64))
+        expected = np.concatenate([kvs[s].reshape(4, 2, n, 8), present_host[:, row, :, 12:]], axis=2)
+        np.testing.assert_array_equal(pool.read_kv(s).reshape(4, 2, n + 2, 8), expected.astype(np.float32))
+    # compaction within a slot (runs that overlap their destination)
+    before = pool.read_kv(1)
+    keep = np.array([0, 1, 5, 6, 7, 13])
+    pool.keep(1, keep)
+    np.testing.assert_array_equal(pool.read_kv(1), before[:, :, :, keep])
+    cuda.free(present)
+    pool.close()
+    cuda.close()

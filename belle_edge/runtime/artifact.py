@@ -28,17 +28,16 @@ def load_artifact(folder: str, *, threads: int | None = None, backend: str = "au
     manifest = read_manifest(folder)
     rt = manifest.runtime
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    factory, name, limit = None, "onnxruntime", None
+    factory, pool_factory, name, limit = None, None, "onnxruntime", None
     if backend != "onnxruntime":
         try:
-            factory, limit = _tensorrt(folder, manifest)
+            factory, pool_factory, limit = _tensorrt(folder, manifest)
             name = "tensorrt"
         except BelleEdgeError as e:
             if backend == "tensorrt":
                 raise
             if rt.backend == "tensorrt":  # a GPU artifact; a cpu one runs on ONNX Runtime by design
                 print(f"belle-edge: {folder} runs on ONNX Runtime (CPU) from its ONNX: {e}", file=sys.stderr)
-    pool_factory = None
     if factory is None:
         factory, pool_factory = _onnxruntime(folder, manifest, threads)
     return ChatModel(
@@ -51,8 +50,10 @@ def load_artifact(folder: str, *, threads: int | None = None, backend: str = "au
 
 
 def _tensorrt(folder: str, manifest: Manifest):
-    """(backend factory, KV tokens the engine can hold); raises a one-line BelleEdgeError saying why not."""
+    """(backend factory, pool factory, KV tokens the engine can hold); raises a one-line BelleEdgeError
+    saying why not."""
     from .backends.trt_backend import TrtBackend, open_engine
+    from .backends.trt_pool import TrtPool
 
     rt = manifest.runtime
     if rt.engine is None:
@@ -60,7 +61,8 @@ def _tensorrt(folder: str, manifest: Manifest):
                 else f"a {manifest.target} artifact has none")
         raise InputError(f"{folder}: no TensorRT engine ({hint})")
     engine = open_engine(folder, manifest)
-    return (lambda capacity: TrtBackend(engine, capacity=capacity)), engine.max_past + 1
+    return (lambda capacity: TrtBackend(engine, capacity=capacity),
+            lambda slots, capacity: TrtPool(engine, slots=slots, capacity=capacity), engine.max_past + 1)
 
 
 def _onnxruntime(folder: str, manifest: Manifest, threads: int | None):

@@ -163,3 +163,29 @@ def test_fused_backend_with_cuda_graphs_matches_reference_backend(positions, dty
           f"(max |logits| {scale:.2f})")
     assert fused._graph is not None  # decode steps really replayed the captured graph
     assert worst < (0.01 if dtype == torch.float16 else 0.05) * max(scale, 1.0)
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi"])
+def test_the_batched_pool_on_the_kernels_matches_its_reference_path(positions):
+    """The torch pool's CUDA path (runtime/backends/torch_pool.py): ragged rows decoded together through the
+    fused op over the whole pool, against the same pool on the reference attention."""
+    from belle_edge.runtime.backends.torch_pool import TorchPool
+
+    _kernels()
+    model = _tiny_decoder(positions, torch.float16)
+    fused, plain = TorchPool(model, 4, 256), TorchPool(model, 4, 256, fused=False)
+    assert fused.fused and not plain.fused
+    mask = MaskConfig(window=1, sinks=2)
+    rng = np.random.default_rng(2)
+    prompts = {0: rng.integers(0, 512, 30), 1: rng.integers(0, 512, 7), 3: rng.integers(0, 512, 61)}
+    worst, scale = 0.0, 0.0
+    for slot, ids in prompts.items():
+        outs = [p.forward_rows([(slot, ids, np.arange(len(ids)), np.ones(len(ids), np.int64))], mask=mask)
+                for p in (fused, plain)]
+        worst, scale = max(worst, float(np.abs(outs[0] - outs[1]).max())), max(scale, float(np.abs(outs[1]).max()))
+    for step in range(8):
+        rows = [(s, rng.integers(0, 512, 1), np.array([len(ids) + step]), np.array([1])) for s, ids in prompts.items()]
+        outs = [p.forward_rows(rows, mask=mask) for p in (fused, plain)]
+        worst, scale = max(worst, float(np.abs(outs[0] - outs[1]).max())), max(scale, float(np.abs(outs[1]).max()))
+    print(f"batched pool, kernels vs reference, {positions}: max |logits diff| = {worst:.2e} (max |logits| {scale:.2f})")
+    assert worst < 0.01 * max(scale, 1.0)

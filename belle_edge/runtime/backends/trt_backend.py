@@ -221,14 +221,18 @@ class TrtEngine:
         self.contexts.sort(key=lambda c: c[1] - c[0])
         self.max_new = max(hi for _, hi, _, _ in self.contexts)
         self.max_past = min(past for _, _, past, _ in self.contexts)
+        # sequences per call: the profiles' batch range (compile --max-batch; engines before it take 1)
+        self.max_batch = min(self.engine.get_tensor_profile_shape("input_ids", p)[2][0]
+                             for p in range(self.engine.num_optimization_profiles))
         seg = lambda n: _align(8 * n) // 8  # noqa: E731  (int64 elements, each segment aligned)
-        self._staging_len = 3 * seg(self.max_new) + 2 * seg(self.max_past) + 3 * seg(1)
+        b = self.max_batch
+        self._staging_len = 3 * seg(b * self.max_new) + 2 * seg(b * self.max_past) + 3 * seg(1)
         self._staging_host = device.pinned((self._staging_len,), np.int64)
         self._staging = self._malloc(8 * self._staging_len)
         self._host_inputs = {name: np.zeros((), dtype=np.int64) for name in self.id_inputs
                              if self.engine.get_tensor_location(name) == trt.TensorLocation.HOST}
-        self._logits_host = device.pinned((self.vocab_size,), np.float32)
-        self._logits = self._malloc(4 * self.vocab_size)
+        self._logits_host = device.pinned((b, self.vocab_size), np.float32)
+        self._logits = self._malloc(4 * b * self.vocab_size)
 
     def _malloc(self, nbytes: int) -> int:
         ptr = self.cuda.malloc(nbytes)
@@ -276,17 +280,22 @@ class TrtEngine:
         past = self.engine.get_tensor_profile_shape("past_position_ids", profile)
         return new[0][1], new[2][1], past[2][1], context
 
-    def run(self, kv_in: int, kv_out: int, slot_bytes: int, values: dict) -> np.ndarray:
-        """One call: ``values`` holds the int64 inputs; K/V past at ``kv_in``, present to ``kv_out`` (slot
-        (layer, kind) at ``(2 * layer + kind) * slot_bytes``). Returns the last token's logits."""
-        t, p = len(values["input_ids"]), len(values["past_position_ids"])
+    def run(self, kv_in: int, kv_out: int, slot_bytes: int, values: dict, *, out_bytes: int | None = None) -> np.ndarray:
+        """One call: ``values`` holds the int64 inputs, rows (T,) for one sequence or (B, T) for a batch;
+        K/V past at ``kv_in``, present to ``kv_out`` (segment (layer, kind) at ``(2 * layer + kind) *
+        slot_bytes``, resp. ``out_bytes``). Returns the last token's logits, (V,) or (B, V)."""
+        batched = np.ndim(values["input_ids"]) == 2
+        values = {k: (np.atleast_2d(v) if np.ndim(v) else v) for k, v in values.items()}
+        b, t = values["input_ids"].shape
+        p = values["past_position_ids"].shape[1]
+        out_bytes = slot_bytes if out_bytes is None else out_bytes
         context = next(c for lo, hi, _, c in self.contexts if lo <= t <= hi)
         fail = lambda what: EngineRuntimeError(f"{self.path}: {what}: {self._last_error()}")  # noqa: E731
         self.logger.errors = []
         offset = 0
         for name in self.id_inputs:
             value = np.asarray(values[name], dtype=np.int64)
-            if not context.set_input_shape(name, (1, value.size) if value.ndim else ()):
+            if not context.set_input_shape(name, value.shape):
                 raise fail(f"input {name} of shape {value.shape}")
             if name in self._host_inputs:  # a shape input (num_logits_to_keep): TensorRT reads it on the host
                 self._host_inputs[name][...] = value
@@ -296,23 +305,24 @@ class TrtEngine:
             context.set_tensor_address(name, self._staging + 8 * offset)
             offset += _align(8 * max(value.size, 1)) // 8
         self.cuda.htod(self._staging, self._staging_host, self.stream, nbytes=8 * offset)
-        past_shape = (1, self.kv_heads, p, self.head_dim)
+        past_shape = (b, self.kv_heads, p, self.head_dim)
         for layer in range(self.layers):
             for kind, label in enumerate(("key", "value")):
-                at = (2 * layer + kind) * slot_bytes
+                lk = 2 * layer + kind
                 if not context.set_input_shape(f"past_key_values.{layer}.{label}", past_shape):
                     raise fail(f"past_key_values.{layer}.{label} of shape {past_shape}")
-                context.set_tensor_address(f"past_key_values.{layer}.{label}", kv_in + at)
-                context.set_tensor_address(f"present.{layer}.{label}", kv_out + at)
-        # our logits buffer holds one row: anything else would be written past its end
-        if tuple(context.get_tensor_shape("logits")) != (1, 1, self.vocab_size):
-            raise fail(f"logits of shape {tuple(context.get_tensor_shape('logits'))}, expected (1, 1, vocab)")
+                context.set_tensor_address(f"past_key_values.{layer}.{label}", kv_in + lk * slot_bytes)
+                context.set_tensor_address(f"present.{layer}.{label}", kv_out + lk * out_bytes)
+        # our logits buffer holds max_batch rows: anything else would be written past its end
+        if tuple(context.get_tensor_shape("logits")) != (b, 1, self.vocab_size) or b > self.max_batch:
+            raise fail(f"logits of shape {tuple(context.get_tensor_shape('logits'))}, expected ({b}, 1, vocab)")
         context.set_tensor_address("logits", self._logits)
         if not context.execute_async_v3(int(self.stream)):
-            raise fail(f"inference of {t} new tokens after {p}")
-        self.cuda.dtoh(self._logits_host, self._logits, self.stream)
+            raise fail(f"inference of {b} x {t} new tokens after {p}")
+        self.cuda.dtoh(self._logits_host[:b], self._logits, self.stream)
         self.cuda.sync(self.stream)
-        return self._logits_host.copy()
+        logits = self._logits_host[:b].copy()
+        return logits if batched else logits[0]
 
     def close(self) -> None:
         """Free the GPU side; TensorRT objects go before the engine, the engine before its runtime."""
