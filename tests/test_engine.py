@@ -214,3 +214,19 @@ def test_the_fused_pool_path_equals_the_reference_path(request, which):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_realign_gives_the_cache_a_re_prefill_of_the_text_would_hold(qwen2_model):
+    """A generated reply (cut at a limit, its last token unfed) against the same text fed again: realign
+    keeps the common prefix and feeds the rest, so both sessions hold the same tokens and reply alike."""
+    live = qwen2_model.session(max_new_tokens=7, window=1)
+    for message in ("你好", "我想退货", "运费多少"):
+        live.send(message)
+    kept = live.realign()
+    fresh = qwen2_model.session(max_new_tokens=7, window=1)
+    for h in live.history:
+        fresh.add_turn(h["user"], h["reply"])
+    assert kept is not None and 0 < kept <= fresh.kv_tokens
+    np.testing.assert_array_equal(live.ledger.ids, fresh.ledger.ids)
+    np.testing.assert_array_equal(live.ledger.positions, fresh.ledger.positions)
+    assert live.send("谢谢").text == fresh.send("谢谢").text

@@ -11,9 +11,11 @@ The KV pool has ``max_batch`` slots of ``kv_tokens`` each, allocated at start: t
 request is stateless (it carries the whole conversation, as in OpenAI's API), but a slot keeps its
 conversation's :class:`~.session.ChatSession` after the reply, so the next request that extends the same
 conversation — the same system prompt and the same earlier turns, replies as they were given — continues
-from its cache and prefills only what is new (a reuse *hit*). Anything else starts over in a slot of its
-own: the history is fed again turn by turn (``ChatSession.add_turn``), so the cache a request ends with is
-the cache a single session would have, turn window and evictions included. A request that finds no slot
+from its cache and prefills only what is new (a reuse *hit*). The cache kept is the longest prefix of the
+tokens a re-prefill of the request would hold (``ChatSession.realign``: a generated reply tokenized again
+can be cut differently), never more. Anything else starts over in a slot of its own: the history is fed
+again turn by turn (``ChatSession.add_turn``), so the cache a request ends with is the cache a single
+session would have, turn window and evictions included. A request that finds no slot
 free takes the least recently used idle conversation's; if none is idle it waits, in order, and a request
 beyond ``max_queue`` waiting ones is refused (``QueueFullError``).
 
@@ -199,8 +201,10 @@ class Generation:
         system, turns, _ = self._request
         engine = self._engine
         session = slot.session
+        fed = slot.view.fed
         held = _held_turns(session, system, engine.config.mask, turns)
-        if held is None:  # nothing to reuse: a fresh conversation in this slot
+        kept = session.realign() if held is not None else None  # the tokens a re-prefill would hold
+        if kept is None:  # nothing to reuse: a fresh conversation in this slot
             if session is None:
                 session = ChatSession(engine.model, system=system, mask=engine.config.mask, backend=slot.view,
                                       prefill_chunk=engine.config.prefill_chunk)
@@ -209,13 +213,12 @@ class Generation:
                 session.system = system or None
                 session.reset()
             held = 0
-        self.reused = held > 0
-        self.cached_tokens = session.kv_tokens if self.reused else 0
+        self.reused = bool(kept)
+        self.cached_tokens = kept or 0
         session.configure(**self._settings)
-        before = session.kv_tokens
         for user, reply in turns[held:]:
             session.add_turn(user, reply)
-        self._fed_history = session.kv_tokens - before
+        self._fed_history = slot.view.fed - fed  # prefilled to bring the cache to the request's history
         return session
 
     def _finish(self, reason: str | None) -> None:

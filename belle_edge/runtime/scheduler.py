@@ -147,6 +147,7 @@ class SlotView:
         self.capacity = self.pool.capacity
         self.vocab_size = self.pool.vocab_size
         self.check = lambda: None
+        self.fed = 0  # tokens forwarded through this slot so far
 
     @property
     def n(self) -> int:
@@ -154,7 +155,9 @@ class SlotView:
 
     def forward(self, token_ids, positions, turns, *, mask: MaskConfig) -> np.ndarray:
         self.check()
-        return self.scheduler.forward(self.slot, token_ids, positions, turns, mask)
+        logits = self.scheduler.forward(self.slot, token_ids, positions, turns, mask)
+        self.fed += len(token_ids)
+        return logits
 
     def truncate(self, n: int) -> None:
         with self.scheduler.lock:

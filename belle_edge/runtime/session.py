@@ -36,7 +36,7 @@ from ..errors import ContextFullError, InputError, SessionFileError
 from ..mask import MaskConfig, retained
 from .decode import Decoding
 from .detokenizer import IncrementalDetokenizer
-from .dialogue import Segment, encode, opening_segments
+from .dialogue import Segment, dialogue_segments, encode, opening_segments
 from .kv_cache import CacheLedger
 from .sampler import Sampler, SamplingConfig
 
@@ -262,6 +262,35 @@ class ChatSession:
         self._append(ids, np.full(len(ids), turn, dtype=np.int64))
         self._pending = self._fmt.reply_end
         self.history[-1]["reply"] = reply
+
+    def realign(self) -> int | None:
+        """Make the cache hold exactly what a fresh session told this history (``add_turn`` for each turn)
+        would hold, keeping the longest prefix it already has; returns the tokens kept (None: nothing can be
+        kept — a context shift renumbered the positions, or the difference lies where turns were evicted).
+
+        Why: a reply generated token by token may be cut into other tokens when its text is tokenized again,
+        and a reply that ended at a limit holds its last token back; a client that sends the conversation
+        back as text (the HTTP API) must get what a re-prefill of that text gives. Eviction keeps positions,
+        so cache and re-prefill are compared position by position."""
+        self._close_active()
+        if self._shifts or not self.history:
+            return None
+        segments = dialogue_segments(self._fmt, self.system, [(h["user"], h["reply"]) for h in self.history])
+        pieces = encode(self.model.tokenizer, segments[:-1],  # the last reply's close comes with the next turn
+                        specials_first=self._fmt.add_special_tokens_first)
+        ids = np.concatenate([p[0] for p in pieces])
+        turns = np.concatenate([np.full(len(p[0]), p[1].turn, dtype=np.int64) for p in pieces])
+        held, positions = self.ledger.ids, self.ledger.positions
+        same = (positions < len(ids)) & (ids[np.minimum(positions, len(ids) - 1)] == held)
+        keep = int(np.argmin(same)) if not same.all() else len(same)  # slots before the first difference
+        start = int(positions[keep - 1]) + 1 if keep else 0
+        if keep < len(positions) and int(positions[keep]) != start:
+            return None  # the difference follows an evicted gap: rebuild instead
+        self.ledger.truncate(keep)
+        self._valid = min(self._valid, keep)
+        self._append(ids[start:], turns[start:])
+        self._pending, self._opened = self._fmt.reply_end, True
+        return keep
 
     def _append_close(self, close) -> None:
         self._append(*close)
