@@ -217,16 +217,22 @@ def test_the_fused_pool_path_equals_the_reference_path(request, which):
 
 
 def test_realign_gives_the_cache_a_re_prefill_of_the_text_would_hold(qwen2_model):
-    """A generated reply (cut at a limit, its last token unfed) against the same text fed again: realign
-    keeps the common prefix and feeds the rest, so both sessions hold the same tokens and reply alike."""
-    live = qwen2_model.session(max_new_tokens=7, window=1)
-    for message in ("你好", "我想退货", "运费多少"):
-        live.send(message)
+    """A generated reply (cut at a limit, its last token unfed; the toy model's tokens are not how its text
+    tokenizes again) against the same text fed again: realign keeps the common prefix and feeds the rest,
+    so both sessions hold the same tokens and reply alike. Where the difference lies in an evicted turn
+    nothing can be kept (None) and the engine re-prefills."""
+    live = qwen2_model.session(max_new_tokens=7)
+    live.send("你好")
+    held_before = live.kv_tokens
     kept = live.realign()
-    fresh = qwen2_model.session(max_new_tokens=7, window=1)
-    for h in live.history:
-        fresh.add_turn(h["user"], h["reply"])
-    assert kept is not None and 0 < kept <= fresh.kv_tokens
+    fresh = qwen2_model.session(max_new_tokens=7)
+    fresh.add_turn(live.history[0]["user"], live.history[0]["reply"])
+    assert kept is not None and 0 < kept <= held_before
     np.testing.assert_array_equal(live.ledger.ids, fresh.ledger.ids)
     np.testing.assert_array_equal(live.ledger.positions, fresh.ledger.positions)
     assert live.send("谢谢").text == fresh.send("谢谢").text
+
+    windowed = qwen2_model.session(max_new_tokens=7, window=1)
+    for message in ("你好", "我想退货", "运费多少"):
+        windowed.send(message)
+    assert windowed.realign() is None  # turn 1's reply differs, and turn 1 is evicted
