@@ -40,6 +40,7 @@ TRAIN = TORCH + [
     "datasketch==2.0.0",  # MinHash near-duplicate removal
     "tqdm>=4.66,<5",
 ]
+SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0"]  # `belle-edge serve`: OpenAI's API and a chat page
 BENCH = ["matplotlib==3.11.2"]
 BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
 # shellcheck for jetson/; torch-pruning's traced dependency graph checks the groups prune/slicing.py declares
@@ -51,12 +52,15 @@ setup(
     description="Compile BELLE-family chat LLMs for Jetson Orin, RTX 3090 and A100, and chat with them on device",
     python_requires=">=3.10",
     packages=find_packages(include=["belle_edge", "belle_edge.*", "benchmarks"]),
-    package_data={"belle_edge": ["data/*.txt", "data/*.jsonl", "train/configs/*.json"]},
+    package_data={"belle_edge": ["data/*.txt", "data/*.jsonl", "train/configs/*.json",
+                                  "serve/*.html"]},
     install_requires=RUNTIME,
     extras_require={"torch": TORCH, "onnx": ONNX, "compile": COMPILE, "trt": COMPILE + TRT,
                     "trt-runtime": ONNX + TRT + CUDA_PYTHON,  # chat on TensorRT (ONNX Runtime as the fallback)
                     "train": TRAIN,
+                    "serve": ONNX + SERVE,
                     "bench": COMPILE + BENCH, "bench-llamacpp": COMPILE + BENCH + BENCH_LLAMACPP,
-                    "test": COMPILE + TRT + CUDA_PYTHON + TRAIN + BENCH + TEST},
+                    "test": COMPILE + TRT + CUDA_PYTHON + TRAIN + BENCH + TEST + SERVE
+                             + ["openai==3.57.0", "httpx==0.28.1", "selenium==4.51.0"]},
     entry_points={"console_scripts": ["belle-edge=belle_edge.cli:main"]},
 )

@@ -236,3 +236,27 @@ def test_realign_gives_the_cache_a_re_prefill_of_the_text_would_hold(qwen2_model
     for message in ("你好", "我想退货", "运费多少"):
         windowed.send(message)
     assert windowed.realign() is None  # turn 1's reply differs, and turn 1 is evicted
+
+
+def test_a_request_waiting_when_the_engine_closes_is_told_so(qwen2_model):
+    engine = BatchEngine(qwen2_model, EngineConfig(max_batch=1, max_queue=1, kv_tokens=256))
+    first = engine.submit(_messages([], "你好"), max_tokens=10_000)
+    first.start()  # holds the only slot
+    waiting = engine.submit(_messages([], "hi"), max_tokens=5)
+    errors = []
+
+    def wait():
+        try:
+            waiting.start()
+        except EngineClosedError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.2)
+    closer = threading.Thread(target=engine.close, kwargs={"timeout": 0.1})
+    closer.start()
+    t.join(10)
+    first.close()
+    closer.join(10)
+    assert errors and waiting.finish_reason == "error" and not closer.is_alive()

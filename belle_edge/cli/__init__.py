@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import BelleEdgeError, MissingDependencyError
-from . import chat, compile, prune, setup, train
+from . import chat, compile, prune, serve, setup, train
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.register(sub)
     train.register(sub)
     setup.register(sub)
+    serve.register(sub)
     _register_bench(sub)
     return parser
 

@@ -152,8 +152,15 @@ class Generation:
         """Wait for a slot, bring its cache to the conversation, plan the turn. Errors raise here (an
         over-long message: InputError), with the slot's conversation left as it was. Idempotent."""
         if self._stream is not None or self._finished:
+            return  # started, or over (cancelled while it waited: iterating yields nothing)
+        try:
+            slot = self._engine._acquire(self)
+        except Cancelled:  # cancelled while it waited: nothing to reply
+            self._finish("cancelled")
             return
-        slot = self._engine._acquire(self)
+        except BaseException:  # the engine closed while it waited
+            self._finish("error")
+            raise
         self._slot = slot
         slot.view.check = self._check
         try:
@@ -346,10 +353,10 @@ class BatchEngine:
         with self._cond:
             try:
                 while True:
-                    if gen._cancelled.is_set():
-                        raise Cancelled("request cancelled")
                     if self._closed:
                         raise EngineClosedError("the server is shutting down")
+                    if gen._cancelled.is_set():
+                        raise Cancelled("request cancelled")
                     slot = self._pick(gen)
                     if slot is not None:
                         break
