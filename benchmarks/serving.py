@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="onnxruntime,torch")
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--requests", type=int, default=2, help="conversations per client per level")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64, help="reply length asked (a short chat answer)")
     p.add_argument("--history-tokens", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--out", default="bench-results")

@@ -52,6 +52,7 @@ class StepScheduler:
         self._closed = False
         self.steps = 0  # batched decode steps run
         self.decode_rows = 0  # sequences they carried, summed (mean occupancy = decode_rows / steps)
+        self._step_end = 0.0  # perf_counter when the last step ended
         self._thread = threading.Thread(target=self._loop, name="belle-edge-scheduler", daemon=True)
         self._thread.start()
 
@@ -88,7 +89,10 @@ class StepScheduler:
                 self._cond.wait()
             if not self._queue:
                 return None
-            deadline = self._queue[0].queued + self.max_wait_s
+            # from the first row's arrival, or the last step's end if it came during that step: a row that
+            # waited through a step must not make the next step leave at once without the rows of the
+            # sequences that step was serving (they ping-pong in alternate steps forever otherwise)
+            deadline = max(self._queue[0].queued, self._step_end) + self.max_wait_s
             while len(self._queue) < len(self._running) and not self._closed:
                 left = deadline - time.perf_counter()
                 if left <= 0:
@@ -109,6 +113,7 @@ class StepScheduler:
                 self.decode_rows += len(group)
             if prefill is not None:
                 self._run([prefill])
+            self._step_end = time.perf_counter()
         with self._cond:  # closed: whoever still waits is told so
             for row in self._queue:
                 row.error = Cancelled("the engine is closed")

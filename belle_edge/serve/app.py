@@ -68,6 +68,12 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_reque
     app = FastAPI(title="belle_edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
+    _add_routes(app, server, page)
+    return app
+
+
+def _add_routes(app: FastAPI, server: "_Server", page: str) -> None:
+    engine, model_name = server.engine, server.model_name
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -114,8 +120,6 @@ def create_app(engine, *, model_name: str, api_key: str | None = None, max_reque
     @app.get("/")
     async def chat_page() -> Response:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
-
-    return app
 
 
 class _ClientGone(Exception):

@@ -41,6 +41,7 @@ class OrtPool:
         self.kv = zeroed_host_buffer((num_layers, 2, slots, num_kv_heads, capacity, head_dim), self.dtype)
         self.tables = [KeyTable(capacity) for _ in range(slots)]
         self._past, self._present = _Staging(self.dtype), _Staging(self.dtype)
+        self._logits = _Staging(np.dtype(np.float32))
         self._names = [(layer, kind, f"past_key_values.{layer}.{name}", f"present.{layer}.{name}")
                        for layer in range(num_layers) for kind, name in ((0, "key"), (1, "value"))]
 
@@ -58,7 +59,7 @@ class OrtPool:
             past[:, :, row, :, :table.n] = self.kv[:, :, slot, :, :table.n]
         past_positions, past_turns = padded_key_tables(tables, past_len)
         stack = lambda i: np.ascontiguousarray(np.stack([np.asarray(r[i], dtype=np.int64) for r in rows]))  # noqa: E731
-        logits = np.zeros((b, 1, self.vocab_size), dtype=np.float32)
+        logits = self._logits.view((b, 1, self.vocab_size))
         io = self.session.io_binding()
         for name, value in (("input_ids", stack(1)), ("position_ids", stack(2)), ("turn_ids", stack(3)),
                             ("past_position_ids", past_positions), ("past_turn_ids", past_turns),
@@ -74,7 +75,7 @@ class OrtPool:
         for row, (slot, table, (_, _, positions, turns)) in enumerate(zip(slots, tables, rows)):
             self.kv[:, :, slot, :, table.n:table.n + t] = present[:, :, row, :, past_len:]
             table.append(positions, turns)
-        return logits[:, -1]
+        return logits[:, -1].copy()
 
     def truncate(self, slot: int, n: int) -> None:
         self.tables[slot].truncate(n)  # slots past n are overwritten by the next forward
