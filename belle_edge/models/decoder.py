@@ -38,6 +38,41 @@ from .config import ModelConfig
 from .positions import alibi_slopes, apply_rope, rope_tables
 
 
+#: A linear on the CPU over up to SKINNY_MAX rows runs as (W @ xᵀ)ᵀ, SKINNY_ROWS rows at a time (past 4
+#: rows that form gets slower than one pass per 4; see :class:`Linear`).
+SKINNY_ROWS, SKINNY_MAX = 4, 16
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weightᵀ (+ bias)`` for a few rows on the CPU, as ``(weight @ xᵀ)ᵀ``: BLAS then streams the
+    weight once, where ``x @ weightᵀ`` with more than one row packs the whole weight first. Measured on the
+    default model's 151936 x 896 head (2 cores): 2 rows in 16 ms instead of 85, 4 rows 19 instead of 96;
+    a whole decode step of 4 sequences 146 ms instead of 234. Same values up to rounding order."""
+    if x.shape[-1] == 0 or x.numel() == 0:
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    parts = [(weight @ rows[i:i + SKINNY_ROWS].T).T for i in range(0, rows.shape[0], SKINNY_ROWS)]
+    y = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+def _skinny(x: torch.Tensor) -> bool:
+    # only under torch.inference_mode, as the runtime's backends run: training, the parity checks against
+    # transformers (no_grad) and every other caller keep F.linear's summation order
+    return (x.device.type == "cpu" and torch.is_inference_mode_enabled()
+            and x.numel() <= SKINNY_MAX * x.shape[-1])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (so LoRA, hooks and pruning see one), with :func:`skinny_linear` for the runtime on the
+    CPU over a few rows: a decode step, or the batched engine's few sequences."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _skinny(x):
+            return skinny_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def _make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rms":
         return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -92,10 +127,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         qkv_bias = cfg.qkv_has_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.q_size, bias=qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         if cfg.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads))
 
@@ -133,9 +168,9 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         if self.swiglu:
@@ -170,7 +205,7 @@ class Decoder(nn.Module):
         self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.embed_norm else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = _make_norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_caches(self, capacity: int, batch: int = 1) -> list[KVCache]:
         p = self.embed.weight
@@ -231,7 +266,9 @@ class Decoder(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         # the untied head is called as a module, so hooks and graph tracers (torch-pruning) see it
-        return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        return skinny_linear(x, self.embed.weight) if _skinny(x) else F.linear(x, self.embed.weight)
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, where: str = "checkpoint",
