@@ -118,8 +118,10 @@ def test_the_next_turn_reuses_the_conversation_cache(qwen2_model):
     assert m.reuse_hits == 1 and m.reuse_misses == 2
 
 
-def test_the_window_evicts_as_a_session_does(qwen2_model):
+@pytest.mark.parametrize("which", ["qwen2_model", "ort_model"])
+def test_the_window_evicts_as_a_session_does(request, which):
     """Six turns with W=1 in a small pool: the engine's reply and cache equal a single session's."""
+    qwen2_model = request.getfixturevalue(which)
     turns = [(q, f"好的，第{i}个问题的回答。") for i, q in enumerate(QUESTIONS[:5])]
     with BatchEngine(qwen2_model, EngineConfig(max_batch=1, kv_tokens=160, window=1)) as engine:
         gen = engine.submit(_messages(turns, QUESTIONS[5]), max_tokens=8)

@@ -82,7 +82,8 @@ class OrtPool:
 
     def keep(self, slot: int, slots: np.ndarray) -> None:
         slots = np.asarray(slots, dtype=np.int64)
-        self.kv[:, :, slot, :, :len(slots)] = self.kv[:, :, slot, :, slots]
+        held = self.kv[:, :, slot]  # a view; indexing it with ``slots`` alone keeps the axes in place
+        held[:, :, :, :len(slots)] = held[:, :, :, slots]
         self.tables[slot].keep(slots)
 
     def read_kv(self, slot: int) -> np.ndarray:
