@@ -3,8 +3,11 @@ written as real Hugging Face directories, and the real models (SmolLM2-135M and 
 each loaded once per test run)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
 
 import pytest
 
@@ -153,3 +156,25 @@ def smollm2_model(smollm2_checkpoint):
 
     return torch_chat_model(smollm2_checkpoint, name=MODELS["smollm2-135m"].title)
 
+
+
+@contextlib.contextmanager
+def serving(app):
+    """uvicorn running ``app`` in a thread on a free port; yields its base URL. Leaving shuts it down (the
+    app's lifespan closes its engine). For the server's tests (test_serve.py, test_chat_page.py)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        assert not thread.is_alive()

@@ -3,13 +3,10 @@ message typed and sent, the streamed reply equal to the engine's greedy one, per
 carries the history. Skipped (with the reason printed) where Chromium, its driver or selenium is missing."""
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import sys
 import tempfile
-import threading
-import time
 
 import pytest
 
@@ -25,7 +22,6 @@ if _missing:
     pytest.skip(_reason, allow_module_level=True)
 
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -33,26 +29,10 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from belle_edge.runtime.engine import BatchEngine, EngineConfig  # noqa: E402
 from belle_edge.serve.app import create_app  # noqa: E402
+from conftest import serving  # noqa: E402
 
 FIRST, SECOND = "你好，请介绍一下你自己", "我想查询一下物流信息。"
 MAX_TOKENS = 24
-
-
-@contextlib.contextmanager
-def serving(app):
-    """uvicorn running ``app`` in a thread on a free port (as in test_serve.py); yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

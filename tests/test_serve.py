@@ -2,7 +2,6 @@
 a tiny random LLaMA, the official ``openai`` client and raw httpx requests."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -23,29 +22,10 @@ from belle_edge.errors import EngineClosedError, MissingDependencyError  # noqa:
 from belle_edge.runtime.engine import BatchEngine, EngineConfig  # noqa: E402
 from belle_edge.runtime.sampler import SamplingConfig  # noqa: E402
 from belle_edge.serve.app import create_app  # noqa: E402
+from conftest import serving  # noqa: E402
 
 NAME = "tiny-llama"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@contextlib.contextmanager
-def serving(app):
-    """uvicorn running ``app`` in a thread on a free port; yields its base URL. Leaving shuts it down
-    (the app's lifespan closes its engine)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive()
 
 
 def client(url: str, key: str = "none") -> "openai.OpenAI":

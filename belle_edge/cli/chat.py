@@ -5,10 +5,9 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 from ..errors import BelleEdgeError, InputError
-from .common import add_model_args, add_session_args, info
+from .common import add_model_args, add_session_args, info, load_model
 
 DEMO_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo_dialogue.txt")
 DEMO_SYSTEM = "你是“清风茶庄”网店的客服助手，回答简洁、礼貌。用户用哪种语言提问，就用哪种语言回答。"
@@ -38,19 +37,12 @@ def register(sub) -> None:
 
 
 def _open_session(args):
-    from ..api import load
     from ..runtime.sampler import SamplingConfig
 
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
     script = _read_script(args.script) if args.script else None  # a bad script fails before the slow load
-    t0 = time.perf_counter()
-    info(f"loading {args.model or 'the default model'} ...")
-    model = load(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
-                 allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads,
-                 backend=args.backend)
-    info(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s (backend {model.backend_name}, "
-          f"format {model.chat_format.name})")
+    model = load_model(args)
     if args.restore:
         return model, model.restore(args.restore), script
     session = model.session(system=args.system, window=None if args.no_window else args.window, sinks=args.sinks,

@@ -65,3 +65,19 @@ def parameter_count(text: str) -> int:
 def info(message: str) -> None:
     """Progress and notes: stderr, so stdout stays the command's result."""
     print(message, file=sys.stderr, flush=True)
+
+
+def load_model(args):
+    """The model the command names (add_model_args), with a line before and after: loads take seconds."""
+    import time
+
+    from ..api import load
+
+    t0 = time.perf_counter()
+    info(f"loading {args.model or 'the default model'} ...")
+    model = load(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
+                 allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads,
+                 backend=args.backend)
+    info(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s (backend {model.backend_name}, "
+         f"format {model.chat_format.name})")
+    return model

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import time
 
 from ..errors import InputError, MissingDependencyError
-from .common import add_model_args, info
+from .common import add_model_args, load_model
 
 API_KEY_ENV = "BELLE_EDGE_API_KEY"
 
@@ -57,7 +56,6 @@ def _require_serve_extra():
 
 def run_serve(args) -> int:
     uvicorn = _require_serve_extra()  # before the slow load
-    from ..api import load
     from ..runtime.engine import BatchEngine, EngineConfig
     from ..serve.app import create_app
 
@@ -67,13 +65,7 @@ def run_serve(args) -> int:
         raise InputError(f"--max-tokens-limit: expected a whole number >= 1, got {args.max_tokens_limit}")
     sock = _listen(args.host, args.port)  # and a port in use
     try:
-        t0 = time.perf_counter()
-        info(f"loading {args.model or 'the default model'} ...")
-        model = load(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
-                     allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads,
-                     backend=args.backend)
-        info(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s (backend {model.backend_name}, "
-             f"format {model.chat_format.name})")
+        model = load_model(args)
         engine = BatchEngine(model, config)
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         app = create_app(engine, model_name=model.name, api_key=api_key, max_tokens_limit=args.max_tokens_limit)

@@ -344,8 +344,28 @@ class TrtEngine:
             pass
 
 
+class DeviceBuffers:
+    """What holds device memory of an engine (a session's cache, a pool): ``_buffers`` freed on close."""
+
+    _buffers: list[int]
+    engine: "TrtEngine"
+
+    def close(self) -> None:
+        if self._buffers and self.engine.cuda is not None:
+            self.engine.cuda.sync(self.engine.stream)
+            for ptr in self._buffers:
+                self.engine.cuda.free(ptr)
+        self._buffers = []
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: CUDA may be gone already
+            pass
+
+
 # ------------------------------------------------------------------------------------------- one session
-class TrtBackend:
+class TrtBackend(DeviceBuffers):
     name = "tensorrt"
 
     def __init__(self, engine: TrtEngine, *, capacity: int):
@@ -437,16 +457,3 @@ class TrtBackend:
                                    self.engine.stream)
             self.cuda.sync(self.engine.stream)  # ``host`` is pageable and goes away with this call
         self.keys.load(positions, turns)
-
-    def close(self) -> None:
-        if self._buffers and self.engine.cuda is not None:
-            self.cuda.sync(self.engine.stream)
-            for ptr in self._buffers:
-                self.cuda.free(ptr)
-        self._buffers = []
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

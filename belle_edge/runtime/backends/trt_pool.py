@@ -14,10 +14,10 @@ import numpy as np
 from ...errors import ContextFullError, InputError
 from ...mask import WINDOW_OFF, MaskConfig
 from .base import KeyTable, padded_key_tables
-from .trt_backend import TrtEngine, _align
+from .trt_backend import DeviceBuffers, TrtEngine, _align
 
 
-class TrtPool:
+class TrtPool(DeviceBuffers):
     name = "tensorrt"
 
     def __init__(self, engine: TrtEngine, *, slots: int, capacity: int):
@@ -159,16 +159,3 @@ class TrtPool:
                                  self.kv_heads, self.engine.stream)
                 self.cuda.sync(self.engine.stream)  # ``host`` is pageable, the scratch reused
         self.tables[slot].load(positions, turns)
-
-    def close(self) -> None:
-        if self._buffers and self.engine.cuda is not None:
-            self.cuda.sync(self.engine.stream)
-            for ptr in self._buffers:
-                self.cuda.free(ptr)
-        self._buffers = []
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
