@@ -222,6 +222,7 @@ class Generation:
             held = 0
         self.reused = bool(kept)
         self.cached_tokens = kept or 0
+        engine._count("reuse_hits" if self.reused else "reuse_misses")
         session.configure(**self._settings)
         for user, reply in turns[held:]:
             session.add_turn(user, reply)
@@ -343,6 +344,10 @@ class BatchEngine:
     def _free_slot_now(self) -> bool:
         return not self._waiting and any(not s.busy for s in self._slots)
 
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._cond:
+            self._counts[name] += n
+
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
@@ -375,11 +380,9 @@ class BatchEngine:
         idle = [s for s in self._slots if not s.busy]
         for s in idle:  # its own conversation, whatever its place in the queue
             if _held_turns(s.session, system, self.config.mask, turns):
-                self._counts["reuse_hits"] += 1
                 return s
         if not idle or self._waiting[0] is not gen:
             return None
-        self._counts["reuse_misses"] += 1
         empty = [s for s in idle if s.session is None or s.session.turn == 0]
         return empty[0] if empty else min(idle, key=lambda s: s.last_used)
 
