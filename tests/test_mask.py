@@ -105,8 +105,8 @@ def test_masked_attention_equals_explicit_masked_softmax(family):
     from belle_edge.models.positions import apply_rope, rope_tables
 
     rope = rope_tables(torch.from_numpy(pos), cfg.head_dim, cfg.rope_theta) if cfg.positions == "rope" else None
-    with torch.no_grad():
-        got = attn(x, bias, rel, rope, None, 0)
+    with torch.no_grad():  # the attention takes a batch of tables: (1, T, K), rope (1, 1, T, D)
+        got = attn(x, bias[None], rel[None], rope and tuple(r[None, None] for r in rope), None, 0)
         # reference: repeat K/V per query head, scores, explicit -inf outside the mask, softmax, weighted sum
         t = len(pos)
         q = attn.q_proj(x).view(1, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
