@@ -5,7 +5,7 @@
 1. prefill kernel vs torch SDPA given the materialised turn-window mask: 12 turns x 256 tokens, W=3, S=4,
    32 heads, head dim 128, fp16 (goal >= 2x);
 2. decode kernel vs SDPA at 8k cached tokens (goal >= 1.5x);
-3. end to end, batch 1, fp16, a 3B-shaped LLaMA (Llama-3.2-3B's shape) with random weights made on the GPU:
+3. end to end, batch 1 (and batch 4 through the batched engine's pool), fp16, a 3B-shaped LLaMA (Llama-3.2-3B's shape) with random weights made on the GPU:
    decode tokens/s of our torch backend (kernels + CUDA graphs) against transformers' generate on the same
    weights (goal >= 2x), and as a share of the memory roofline (weight bytes per token / measured copy
    bandwidth; goal >= 70%);
@@ -143,6 +143,30 @@ def ours_decode(decoder, prompt, new_tokens, capacity=4096):
     return 1.0 / statistics.median(times[2:])  # after the capture
 
 
+def batched_decode(decoder, prompt_len: int = 64, steps: int = 24, batches=(1, 4), capacity: int = 1024) -> dict:
+    """The batched engine's pool (runtime/backends/torch_pool.py; on CUDA its decode steps go through our
+    kernels): aggregate decode tokens/s with 1 and 4 sequences decoding together, same pool, same run."""
+    from belle_edge.runtime.backends.torch_pool import TorchPool
+
+    pool = TorchPool(decoder, max(batches), capacity)
+    mask = MaskConfig(window=3, sinks=4)
+    rng = np.random.default_rng(1)
+    for slot in range(max(batches)):
+        ids = rng.integers(0, decoder.cfg.vocab_size, prompt_len)
+        pool.forward_rows([(slot, ids, np.arange(prompt_len), np.ones(prompt_len, dtype=np.int64))], mask=mask)
+    out = {"fused": pool.fused}
+    for b in batches:
+        times = []
+        for _ in range(steps):
+            rows = [(s, np.array([7]), np.array([pool.n(s)]), np.array([1])) for s in range(b)]
+            t0 = time.perf_counter()
+            pool.forward_rows(rows, mask=mask)  # returns host logits: the step has finished
+            times.append(time.perf_counter() - t0)
+        out[f"batch{b}_tok_s"] = round(b / statistics.median(times[2:]), 1)
+    out["ratio"] = round(out[f"batch{batches[-1]}_tok_s"] / out[f"batch{batches[0]}_tok_s"], 2)
+    return out
+
+
 def profile_decode(decoder, prompt, steps: int = 8, top: int = 12) -> list[dict]:
     """Where a fused decode step's GPU time goes: the top kernels by total time over a few eager steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -255,6 +279,8 @@ def main(argv=None):
         except Exception as e:  # the profiler is an aid, not a figure the run depends on
             print(f"decode profile skipped: {type(e).__name__}: {e}")
         del model
+        result["batched"] = batched_decode(decoder)
+        print(json.dumps(result["batched"]))
         result["dialogue"] = [dialogue_turn20(decoder, window=w) for w in (3, None)]
         for row in result["dialogue"]:
             print(json.dumps(row))
@@ -281,6 +307,10 @@ def render(r: dict) -> str:
                       f"; {e['target_roofline_share']:.0%} of the {e['target']} spec roofline "
                       f"({e['target_roofline_tok_s']} tok/s at {e['target_bandwidth_gb_s']} GB/s)."
                       if e.get("target_roofline_tok_s") else ".")]
+    if "batched" in r:
+        b = r["batched"]
+        lines.append(f"- the engine's pool ({'kernels' if b['fused'] else 'reference attention'}): batch 1 "
+                     f"{b['batch1_tok_s']} tok/s, batch 4 {b['batch4_tok_s']} tok/s aggregate ({b['ratio']}x)")
     for d in r.get("dialogue", []):
         lines.append(f"- turn {d['turn']}, W={d['window']}: {d['decode_tok_s']} decode tok/s with {d['kv_tokens']} KV tokens")
     return "\n".join(lines) + "\n"
