@@ -9,11 +9,13 @@ runs the whole pool through the fused op instead (:meth:`TorchPool._forward_fuse
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
-from ...mask import MaskConfig
-from ...models.decoder import Decoder, KVCache
+from ...mask import WINDOW_OFF, MaskConfig
+from ...models.decoder import Decoder, FusedInputs, KVCache
 from .base import KeyTable, padded_key_tables
 
 
@@ -47,6 +49,13 @@ class TorchPool:
         self.caches = decoder.new_caches(capacity, batch=slots)
         self.tables = [KeyTable(capacity) for _ in range(slots)]
         self.fused = self._want_fused(fused)
+        if self.fused:  # what every fused step reads, made once
+            from ...models.positions import rope_inv_freq
+            from ...ops.attention import dynamic_mask_attention
+
+            cfg = decoder.cfg
+            self._op = dynamic_mask_attention
+            self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.device) if cfg.positions == "rope" else None
 
     def _want_fused(self, fused) -> bool:
         """The kernels on CUDA where they serve this model; ``fused=True`` forces the op (on CPU its
@@ -66,8 +75,10 @@ class TorchPool:
     @torch.inference_mode()
     def forward_rows(self, rows, *, mask: MaskConfig) -> np.ndarray:
         t = len(rows[0][1])
-        if self.fused and max(table.n for table in self.tables) + t <= self.capacity:
-            return self._forward_fused(rows, mask)
+        if self.fused:  # one row writes after its own keys; several, after the longest slot's
+            start = self.tables[rows[0][0]].n if len(rows) == 1 else max(table.n for table in self.tables)
+            if start + t <= self.capacity:
+                return self._forward_fused(rows, mask, start)
         return self._forward_reference(rows, mask)
 
     def _forward_reference(self, rows, mask: MaskConfig) -> np.ndarray:
@@ -90,26 +101,19 @@ class TorchPool:
                 table.truncate(start)  # the slots were never filled
             raise
 
-    def _forward_fused(self, rows, mask: MaskConfig) -> np.ndarray:
+    def _forward_fused(self, rows, mask: MaskConfig, start: int) -> np.ndarray:
         """The fused op, which takes one cache tensor and one start for all its rows. One sequence (a
         prefill chunk, or a lone decode): its own slot, a view of the pool. Several: the whole pool; every
         slot writes its new keys at ``start`` = the longest slot's length, beyond what each one holds, the
         rows of idle slots attend only to their own dummy token, and each running row's new keys then move
         down to its own length, where its session expects them."""
-        from types import SimpleNamespace
-
-        from ...mask import WINDOW_OFF
-        from ...models.decoder import FusedInputs
-        from ...models.positions import rope_inv_freq
-        from ...ops.attention import dynamic_mask_attention
-
-        cfg, t = self.decoder.cfg, len(rows[0][1])
+        t = len(rows[0][1])
         if len(rows) == 1:
-            members, start = [rows[0][0]], self.tables[rows[0][0]].n
+            members = [rows[0][0]]
             caches = [SimpleNamespace(k=c.k[members[0]:members[0] + 1], v=c.v[members[0]:members[0] + 1])
                       for c in self.caches]
         else:
-            members, start, caches = list(range(self.slots)), max(table.n for table in self.tables), self.caches
+            members, caches = list(range(self.slots)), self.caches
         row_of = {slot: i for i, slot in enumerate(members)}
         b = len(members)
         ids, q_pos, q_turn = (np.zeros((b, t), dtype=np.int64) for _ in range(3))
@@ -121,12 +125,11 @@ class TorchPool:
             k_pos[i, :table.n], k_turn[i, :table.n] = table.positions, table.turns
             k_pos[i, start:], k_turn[i, start:] = positions, turns
         dev = lambda a: torch.as_tensor(a, device=self.device)  # noqa: E731
-        fused = FusedInputs(op=dynamic_mask_attention, start=dev(np.array([start], dtype=np.int32)),
+        fused = FusedInputs(op=self._op, start=dev(np.array([start], dtype=np.int32)),
                             q_pos=dev(q_pos), q_turn=dev(q_turn), k_pos=dev(k_pos), k_turn=dev(k_turn),
                             window=dev(np.array([WINDOW_OFF if mask.window is None else mask.window])),
                             sinks=dev(np.array([mask.sinks])),
-                            inv_freq=rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.device)
-                            if cfg.positions == "rope" else None, max_keys=start + t)
+                            inv_freq=self._inv_freq, max_keys=start + t)
         logits = self.decoder(dev(ids), None, None, None, caches=caches, last_only=True, fused=fused)
         for slot, _, positions, turns in rows:
             table = self.tables[slot]
