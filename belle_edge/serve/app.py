@@ -39,7 +39,6 @@ from starlette.exceptions import HTTPException
 
 from ..errors import BelleEdgeError, ContextFullError, EngineClosedError, InputError, QueueFullError
 from ..runtime.sampler import SamplingConfig
-from ..runtime.scheduler import Cancelled
 from .metrics import ServerMetrics
 from .request import ApiError, ChatRequest, bad_request, parse_chat_request
 
@@ -182,12 +181,10 @@ class _Server:
             await _until_disconnect(request, gen, lambda: "".join(gen), running)
         except BelleEdgeError as e:
             raise _engine_error(e) from None
-        except Cancelled:  # not by the client (that is _ClientGone): by the engine, closing while it waited
-            raise _engine_error(EngineClosedError("the server is shutting down")) from None
         finally:
             if not handed_over:
                 await _settle(gen)
-        if gen.finish_reason == "cancelled":  # by the engine: it is closing
+        if gen.finish_reason == "cancelled":  # by the engine: it is closing (a request still waiting, too)
             raise _engine_error(EngineClosedError("the server is shutting down; the reply was cut short"))
         self.metrics.observe(gen)
         return JSONResponse({
@@ -253,7 +250,7 @@ class _EventStream(StreamingResponse):
                 yield event(delta({"content": piece}))  # one worker thread per step, not one per reply
             if self.client_gone:
                 return
-            if gen.finish_reason == "cancelled":  # by the engine: it is closing
+            if gen.finish_reason == "cancelled":  # by the engine: it is closing (a request still waiting, too)
                 yield _sse(_engine_error(EngineClosedError("the server is shutting down; the reply was cut "
                                                            "short")).body())
             else:
