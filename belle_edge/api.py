@@ -42,9 +42,15 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
 
 
 def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name: str | None = None,
-                     decoder=None) -> ChatModel:
+                     decoder=None, weight_only: str | None = None, fuse: bool | None = None) -> ChatModel:
     """A ChatModel over the torch backend from a loaded :class:`~belle_edge.core.checkpoint.Checkpoint`
-    (``decoder``: the checkpoint's canonical model, when the caller has built it already)."""
+    (``decoder``: the checkpoint's canonical model, when the caller has built it already; it is changed in
+    place by ``fuse`` and ``weight_only``).
+
+    ``fuse`` (default: on CUDA) runs q/k/v and gate/up as one linear each (Decoder.fuse_projections).
+    ``weight_only`` ("int4" group 128 | "int8" per channel, round-to-nearest) holds the linears as codes +
+    scales and runs them through ``belle::weight_only_gemm`` (kernels on CUDA fp16/bf16, the dequantizing
+    reference elsewhere); the LM head stays in the model's dtype."""
     torch = _require_torch()
     from .default_model import NAME as DEFAULT_NAME
     from .models.decoder import Decoder
@@ -59,9 +65,18 @@ def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name:
         raise InputError(f"device {device!r}: no such CUDA device on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"device {device!r}: expected cpu or cuda[:N]")
+    bits = {None: None, "int4": 4, "int8": 8}.get(weight_only, 0)
+    if bits == 0:
+        raise InputError(f"weight_only {weight_only!r}: expected int4 or int8 (or none)")
     if decoder is None:
         decoder = Decoder.from_state_dict(ckpt.config, ckpt.state_dict, where=ckpt.source,
                                           dtype=getattr(torch, dtype), device=device)
+    if dev.type == "cuda" if fuse is None else fuse:
+        decoder.fuse_projections()
+    if bits:
+        from .ops.weight_only import quantize_linears
+
+        quantize_linears(decoder, bits)
     return ChatModel(
         name=DEFAULT_NAME if name == "default" else (name or ckpt.source),
         tokenizer=ckpt.tokenizer, chat_format=ckpt.chat_format, stop_token_ids=ckpt.stop_token_ids,

@@ -3,15 +3,32 @@
     python benchmarks/attention_gpu.py --out benchmarks/results        # on a machine with CUDA
 
 1. prefill kernel vs torch SDPA given the materialised turn-window mask: 12 turns x 256 tokens, W=3, S=4,
-   32 heads, head dim 128, fp16 (goal >= 2x);
-2. decode kernel vs SDPA at 8k cached tokens (goal >= 1.5x);
+   32 heads, head dim 128, fp16 (goal: W=3 >= 2x SDPA+mask and >= 1.2x FlexAttention);
+2. decode kernel vs SDPA at 8k cached tokens (goal: W=3 >= 1.5x SDPA+mask);
 3. end to end, batch 1 (and batch 4 through the batched engine's pool), fp16, a 3B-shaped LLaMA (Llama-3.2-3B's shape) with random weights made on the GPU:
    decode tokens/s of our torch backend (kernels + CUDA graphs) against transformers' generate on the same
    weights (goal >= 2x), and as a share of the memory roofline (weight bytes per token / measured copy
    bandwidth; goal >= 70%);
 4. the dialogue effect: decode tokens/s at turn 20 of a long dialogue, W=3 (with eviction) against W off.
 
-Timings are medians of CUDA-event-timed repeats after a warm-up; all variants run in the same process.
+Every kernel case runs, on the same inputs and timed the same way, with the same work (write the new K/V
+into the cache, attend over it):
+
+- ours: ``belle::dynamic_mask_attention`` (belle_edge/ops/attention.py);
+- SDPA+mask: torch SDPA given the boolean mask materialised by :func:`belle_edge.mask.visible`;
+- FlexAttention: ``torch.compile``d ``flex_attention`` with a ``mask_mod`` that gathers the position/turn
+  tables and asks :func:`belle_edge.mask.visible` (:func:`flex_mask_mod`); its block mask is built once per
+  turn layout, outside the timing. If it fails on this GPU the row says why and the run goes on
+  (``--skip-flex`` leaves it out);
+- the ceiling: plain SDPA with no turn window at all, i.e. the fastest dense kernel torch picks for these
+  shapes. ``is_causal=True`` when the queries are all the keys (prefill from slot 0); with one query (decode)
+  no mask, which is causal for the last slot; otherwise (queries the last T < keys) no mask over the same
+  keys, which is more work than causal, so there it is a loose ceiling. Its output is not the turn-window
+  answer and is not compared.
+
+Timings: per call, the median over repeats of the mean of 50 back-to-back calls between one pair of CUDA
+events, after a warm-up (one call per event pair would mostly time the host's launch cost). All variants
+run in the same process.
 Writes attention_gpu.json and attention_gpu.md to --out.
 """
 from __future__ import annotations
@@ -30,18 +47,22 @@ from belle_edge.mask import WINDOW_OFF, MaskConfig, retained, visible
 from belle_edge.targets import target_for_device
 
 
-def cuda_time(fn, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() on the GPU."""
+def cuda_time(fn, repeats: int = 20, warmup: int = 3, inner: int = 50) -> float:
+    """Milliseconds per fn() call on the GPU: the median over `repeats` of the mean of `inner` back-to-back
+    calls between one pair of CUDA events, after `warmup` calls. (Back to back, the host queues launches
+    while the GPU works, so its fixed cost per call is hidden wherever the GPU work is longer.)"""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / inner)
     return statistics.median(times)
 
 
@@ -60,8 +81,63 @@ def _op_args(pos, turn, start, mask, cap, device):
                 max_keys=cap)
 
 
-def attention_case(name, turn_lengths, new_tokens, mask, heads=32, head_dim=128, dtype=torch.float16):
-    """Our op against SDPA with the materialised mask, same inputs; returns a result row."""
+def flex_mask_mod(q_pos, q_turn, k_pos, k_turn, start: int, mask: MaskConfig):
+    """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)`` for the turn-window mask: :func:`visible` on the
+    tables' values at the query's slot ``start + q_idx`` and the key's slot ``kv_idx``.
+
+    Tables are 1-D integer tensors on the attention's device. The queries are the last T slots: pass the
+    full tables (every key's slot) for both and ``start`` = slots before the queries, or the queries' own
+    rows as q_pos/q_turn and ``start=0``."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qi = q_idx + start
+        return visible(q_pos[qi], q_turn[qi], k_pos[kv_idx], k_turn[kv_idx], mask)
+
+    return mask_mod
+
+
+_flex_compiled = None
+
+
+def compiled_flex_attention():
+    """``torch.compile(flex_attention)``, made once per process (as PyTorch documents it for speed); shapes
+    are specialised (``dynamic=False``), each case compiles its own kernel."""
+    global _flex_compiled
+    if _flex_compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled
+
+
+def flex_peer(q, k_new, v_new, k_cache, v_cache, pos, turn, start: int, mask: MaskConfig, scale: float,
+              compile: bool = True):
+    """FlexAttention doing the others' work: write k_new/v_new into the cache at [start, start + T), attend
+    q (B, H, T, D) over the cache's first len(pos) slots with the turn-window mask. pos/turn: every key
+    slot's position and turn (numpy or torch). The block mask is built here, once; returns (fn, block_mask),
+    fn() -> (B, H, T, D). ``compile=False`` runs eager flex_attention (unfused; for tests on the CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = q.device
+    n, t = len(pos), q.shape[2]
+    p, tu = torch.as_tensor(pos, device=dev), torch.as_tensor(turn, device=dev)
+    block_mask = create_block_mask(flex_mask_mod(p, tu, p, tu, start, mask), None, None, t, n, device=dev)
+    attend = compiled_flex_attention() if compile else flex_attention
+    gqa = k_cache.shape[1] != q.shape[1]
+    keys, values = k_cache[:, :, :n], v_cache[:, :, :n]
+
+    def run():
+        k_cache[:, :, start:start + t] = k_new
+        v_cache[:, :, start:start + t] = v_new
+        return attend(q, keys, values, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+    return run, block_mask
+
+
+def attention_case(name, turn_lengths, new_tokens, mask, heads=32, head_dim=128, dtype=torch.float16,
+                   flex=True):
+    """Our op against SDPA with the materialised mask, FlexAttention with the same mask and plain SDPA
+    without it (the ceiling), same inputs; returns a result row."""
     from belle_edge.ops.attention import dynamic_mask_attention
 
     dev = "cuda"
@@ -84,13 +160,37 @@ def attention_case(name, turn_lengths, new_tokens, mask, heads=32, head_dim=128,
         vc[:, :, start:] = v
         return F.scaled_dot_product_attention(q, kc, vc, attn_mask=allowed[None, None], scale=scale)
 
+    causal = new_tokens == n  # is_causal is top-left aligned: right only when the queries are all the keys
+    ceiling_kind = "SDPA is_causal" if causal else "SDPA no mask" + (" (= causal)" if new_tokens == 1 else "")
+
+    def ceiling():  # the same work without the turn window: the fastest plain kernel for these shapes
+        kc[:, :, start:] = k
+        vc[:, :, start:] = v
+        return F.scaled_dot_product_attention(q, kc, vc, is_causal=causal, scale=scale)
+
     ref = sdpa().transpose(1, 2).reshape(1, new_tokens, -1)
     err = (ours().float() - ref.float()).abs().max().item()
-    t_ours, t_sdpa = cuda_time(ours), cuda_time(sdpa)
+    t_ours, t_sdpa, t_ceiling = cuda_time(ours), cuda_time(sdpa), cuda_time(ceiling)
     visible_share = allowed.float().mean().item()
-    return {"case": name, "new_tokens": new_tokens, "keys": n, "window": mask.window, "ours_ms": round(t_ours, 4),
-            "sdpa_masked_ms": round(t_sdpa, 4), "speedup": round(t_sdpa / t_ours, 2),
-            "visible_share": round(visible_share, 3), "max_abs_err": err}
+    row = {"case": name, "new_tokens": new_tokens, "keys": n, "window": mask.window, "ours_ms": round(t_ours, 4),
+           "sdpa_masked_ms": round(t_sdpa, 4), "speedup": round(t_sdpa / t_ours, 2),
+           "visible_share": round(visible_share, 3), "max_abs_err": err,
+           "ceiling": ceiling_kind, "ceiling_ms": round(t_ceiling, 4), "ceiling_vs_ours": round(t_ceiling / t_ours, 2),
+           "flex_ms": None, "speedup_vs_flex": None, "flex_max_abs_err": None, "flex_error": None}
+    if not flex:
+        row["flex_error"] = "skipped (--skip-flex)"
+        return row
+    try:  # a peer failing (compile error, unsupported shape) is a finding, not the end of the run
+        run, _ = flex_peer(q, k, v, kc, vc, pos, turn, start, mask, scale)
+        out = run()
+        torch.cuda.synchronize()
+        row["flex_max_abs_err"] = (out.transpose(1, 2).reshape(1, new_tokens, -1).float() - ref.float()).abs().max().item()
+        t_flex = cuda_time(run)
+        row.update(flex_ms=round(t_flex, 4), speedup_vs_flex=round(t_flex / t_ours, 2))
+    except Exception as e:
+        row["flex_error"] = f"{type(e).__name__}: {e}".strip()[:600]
+        print(f"FlexAttention failed in {name!r}: {row['flex_error']}")
+    return row
 
 
 def memory_bandwidth_gb_s(size_mb: int = 2048) -> float:
@@ -239,16 +339,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--skip-e2e", action="store_true", help="kernel figures only (no 3B model)")
+    ap.add_argument("--skip-flex", action="store_true", help="leave the FlexAttention peer out (no torch.compile)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("attention_gpu: no CUDA GPU on this machine")
     torch.backends.cuda.matmul.allow_tf32 = True
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "kernels": []}
     w3 = MaskConfig(window=3, sinks=4)
-    result["kernels"].append(attention_case("prefill 12 turns x 256, W=3", [256] * 12, 3072, w3))
-    result["kernels"].append(attention_case("prefill 12 turns x 256, W off", [256] * 12, 3072, MaskConfig.off()))
-    result["kernels"].append(attention_case("decode, 8k cached, W off", [256] * 32, 1, MaskConfig.off()))
-    result["kernels"].append(attention_case("decode, 8k cached (not evicted), W=3", [256] * 32, 1, w3))
+    flex = not args.skip_flex
+    result["kernels"].append(attention_case("prefill 12 turns x 256, W=3", [256] * 12, 3072, w3, flex=flex))
+    result["kernels"].append(attention_case("prefill 12 turns x 256, W off", [256] * 12, 3072, MaskConfig.off(),
+                                            flex=flex))
+    result["kernels"].append(attention_case("decode, 8k cached, W off", [256] * 32, 1, MaskConfig.off(), flex=flex))
+    result["kernels"].append(attention_case("decode, 8k cached (not evicted), W=3", [256] * 32, 1, w3, flex=flex))
     for row in result["kernels"]:
         print(json.dumps(row))
     if not args.skip_e2e:
@@ -292,12 +395,42 @@ def main(argv=None):
     print(render(result))
 
 
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _x(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _err(x) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
 def render(r: dict) -> str:
     lines = [f"# Fused turn-window attention on {r['device']} (torch {r['torch']})", "",
-             "| case | keys | visible | ours ms | SDPA+mask ms | speedup | max abs err |", "|---|---|---|---|---|---|---|"]
+             "Per call, same work (cache write + attention) for every column. Speedups are ours against each; "
+             "the ceiling is plain SDPA without the turn window (causal, or no mask; see the module docstring), "
+             "and ceiling/ours above 1x means ours beats it.", "",
+             "| case | keys | visible | ours ms | SDPA+mask ms | vs SDPA+mask | FlexAttention ms | vs Flex "
+             "| ceiling | ceiling ms | ceiling/ours | max abs err | Flex max abs err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for k in r["kernels"]:
+        flex_ms = _ms(k.get("flex_ms"))
+        why = k.get("flex_error")
+        if k.get("flex_ms") is None and why:
+            if why.startswith("skipped"):
+                flex_ms = "skipped"
+            else:
+                notes.append(f"[{len(notes) + 1}] FlexAttention failed in {k['case']}: " + " ".join(why.split()))
+                flex_ms = f"failed [{len(notes)}]"
         lines.append(f"| {k['case']} | {k['keys']} | {k['visible_share']:.0%} | {k['ours_ms']:.3f} | "
-                     f"{k['sdpa_masked_ms']:.3f} | {k['speedup']:.2f}x | {k['max_abs_err']:.1e} |")
+                     f"{k['sdpa_masked_ms']:.3f} | {k['speedup']:.2f}x | {flex_ms} | {_x(k.get('speedup_vs_flex'))} | "
+                     f"{k.get('ceiling', '-')} | {_ms(k.get('ceiling_ms'))} | {_x(k.get('ceiling_vs_ours'))} | "
+                     f"{k['max_abs_err']:.1e} | {_err(k.get('flex_max_abs_err'))} |")
+    if notes:
+        lines += [""] + notes
     if "e2e" in r:
         e = r["e2e"]
         lines += ["", f"End to end ({e['model']}, {e['params'] / 1e9:.2f}B params, batch 1): ours "

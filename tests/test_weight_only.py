@@ -151,7 +151,7 @@ def test_the_onnx_computes_what_the_quantized_weights_say(tmp_path, wide_model, 
     want = _logits(q.config, weights, ids).numpy()
     got = run_onnx_logits(make_session(str(tmp_path / "art" / "model.onnx")), q.config, ids, chunk=7)
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max() + 1e-3
-    # the plugin-node variant: one belle.WeightOnlyMatMul per pair, same weights file, same numbers
+    # the plugin-node variant: one belle.WeightOnlyGemm per pair, same weights file, same numbers
     variant = m.stage("export").details["gemm_plugin_variant"]
     assert variant["nodes"] >= q.config.num_layers * 4 + (head == "int8")  # mixed widths: q, k, v apart
     plugin = run_onnx_logits(make_session(str(tmp_path / "art" / variant["file"])), q.config, ids, chunk=7)

@@ -45,7 +45,7 @@ int8 LM head (``--head``)  INT8 [C, V]            fp16 [V]               axis=1;
 
 No zero points (TensorRT takes none for INT4). q/k/v and gate/up stay fused along N, as in fp16. The
 same folder holds ``model.gemm_plugin.onnx`` (gemm_plugin_variant.py): each pair above as one
-``belle.WeightOnlyMatMul`` node for our GEMM plugin, over the same ``model.onnx.data``.
+``belle.WeightOnlyGemm`` node for our GEMM plugin, over the same ``model.onnx.data``.
 
 The graph is built by onnx_graph.py (the decoder, with a sketch of a layer) and onnx_attention.py (our
 attention node and its function body, or ONNX ``Attention``), on onnx_builder.py.

@@ -1,5 +1,5 @@
 """The plugin-node variant of a weight-only GPU graph: every ``DequantizeLinear -> MatMul`` pair of the
-contract (export_onnx.py) rewritten, one for one, into a ``belle.WeightOnlyMatMul`` node with the same three
+contract (export_onnx.py) rewritten, one for one, into a ``belle.WeightOnlyGemm`` node with the same three
 inputs (activations, codes, scales) — for TensorRT builds that should not trust the parser's fusion (it may
 constant-fold the weights back to fp16: Orin's TensorRT 10.3, A100), where our GEMM plugin takes the node.
 
@@ -18,7 +18,7 @@ from onnx import AttributeProto, helper
 
 from .onnx_attention import DOMAIN
 
-OP = "WeightOnlyMatMul"
+OP = "WeightOnlyGemm"
 VERSION = "1"
 FILE = "model.gemm_plugin.onnx"
 

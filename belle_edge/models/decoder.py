@@ -131,6 +131,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=qkv_bias)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv_proj = None  # q/k/v as one linear after Decoder.fuse_projections (the runtime only)
         if cfg.positions == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads))
 
@@ -141,9 +142,13 @@ class Attention(nn.Module):
         # (the batched runtime's view of several sequences' slots, runtime/backends/torch_pool.py)
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:  # one read of the input, one GEMV launch, for all three
+            q, k, v = self.qkv_proj(x).split((cfg.q_size, cfg.kv_size, cfg.kv_size), -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if fused is not None:  # the kernels: RoPE, cache write, mask and attention in one op
             out = fused.op(
                 q, k, v, cache.k, cache.v, fused.start, fused.q_pos, fused.q_turn, fused.k_pos, fused.k_turn,
@@ -171,8 +176,12 @@ class MLP(nn.Module):
             self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = None  # gate and up as one linear after Decoder.fuse_projections (the runtime only)
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
@@ -269,6 +278,29 @@ class Decoder(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(x)
         return skinny_linear(x, self.embed.weight) if _skinny(x) else F.linear(x, self.embed.weight)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "Decoder":
+        """q/k/v into one linear, and SwiGLU's gate/up into one, in place: a decode step then reads each
+        layer's input once per group and launches two GEMVs where it launched five. For the runtime's own
+        copy of the model only: the fused model's state dict has the fused names, which no pass reads."""
+        def fused(parts):
+            out = Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                         device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+            out.weight.copy_(torch.cat([p.weight for p in parts]))
+            if out.bias is not None:
+                out.bias.copy_(torch.cat([p.bias for p in parts]))
+            return out.requires_grad_(False)
+
+        for layer in self.layers:
+            a, m = layer.attn, layer.mlp
+            if a.qkv_proj is None:
+                a.qkv_proj = fused([a.q_proj, a.k_proj, a.v_proj])
+                del a.q_proj, a.k_proj, a.v_proj
+            if m.swiglu and m.gate_up_proj is None:
+                m.gate_up_proj = fused([m.gate_proj, m.up_proj])
+                del m.gate_proj, m.up_proj
+        return self
 
     @classmethod
     def from_state_dict(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, where: str = "checkpoint",

@@ -1,6 +1,9 @@
 // belle::DynamicMaskAttention, version "1" (see dynamic_mask_attention_plugin.h).
 #include "dynamic_mask_attention_plugin.h"
 
+#include "plugin_common.h"
+#include "weight_only_gemm_plugin.h"
+
 #include "belle_attention.h"
 
 #include <cuda_runtime_api.h>
@@ -29,36 +32,7 @@ namespace
 {
 
 // ---------------------------------------------------------------------------------------------------------
-// Logging through the logger TensorRT hands the library (setLoggerFinder); stderr until it does.
-
-class LoggerFinderHolder
-{
-public:
-    void set(nvinfer1::ILoggerFinder* finder)
-    {
-        std::lock_guard<std::mutex> lock(mMutex);
-        if (mFinder == nullptr && finder != nullptr)
-        {
-            mFinder = finder;
-        }
-    }
-
-    ILogger* logger()
-    {
-        std::lock_guard<std::mutex> lock(mMutex);
-        return mFinder != nullptr ? mFinder->findLogger() : nullptr;
-    }
-
-private:
-    nvinfer1::ILoggerFinder* mFinder{nullptr};
-    std::mutex mMutex;
-};
-
-LoggerFinderHolder& loggerFinder()
-{
-    static LoggerFinderHolder holder;
-    return holder;
-}
+// Logging through the logger TensorRT hands the library (setLoggerFinder, plugin_common.h); stderr until it does.
 
 void log(ILogger::Severity severity, std::string const& message) noexcept
 {
@@ -644,9 +618,10 @@ char const* DynamicMaskAttentionCreator::getPluginNamespace() const noexcept
 
 extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static belle::DynamicMaskAttentionCreator creator;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
-    nbCreators = 1;
+    static belle::DynamicMaskAttentionCreator attention;
+    static belle::WeightOnlyGemmCreator weightOnlyGemm;
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&attention, &weightOnlyGemm};
+    nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
     return creators;
 }
 
