@@ -41,7 +41,7 @@ def test_kernel_sources_are_found():
     assert os.path.isfile(os.path.join(root, "include", "belle_weight_only.h"))
 
 
-def _fused_inputs(model, kpos, kturn, start, new, mask, capacity):
+def _fused_inputs(model, kpos, kturn, start, new, mask, capacity, norm_op=None):
     cfg = model.cfg
     k_pos = torch.zeros(1, capacity, dtype=torch.long)
     k_turn = torch.zeros(1, capacity, dtype=torch.long)
@@ -53,13 +53,17 @@ def _fused_inputs(model, kpos, kturn, start, new, mask, capacity):
     return FusedInputs(op=dynamic_mask_attention, start=torch.tensor([start], dtype=torch.int32), q_pos=torch.tensor([kpos[start:]]),
                        q_turn=torch.tensor([kturn[start:]]), k_pos=k_pos, k_turn=k_turn,
                        window=torch.tensor([WINDOW_OFF if mask.window is None else mask.window]),
-                       sinks=torch.tensor([mask.sinks]), inv_freq=inv_freq, max_keys=capacity)
+                       sinks=torch.tensor([mask.sinks]), inv_freq=inv_freq, max_keys=capacity, norm_op=norm_op)
 
 
-@pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_bloom_dir"])
-def test_fused_attention_path_equals_the_models_attention(request, which):
+@pytest.mark.parametrize("which,fused_norms", [("tiny_llama_dir", False), ("tiny_llama_dir", True),
+                                                ("tiny_bloom_dir", False)])
+def test_fused_attention_path_equals_the_models_attention(request, which, fused_norms):
     """Prefill chunks and decode steps over three turns with eviction: the op (RoPE/ALiBi, cache write,
-    mask from the tables) must reproduce Attention's SDPA path."""
+    mask from the tables) must reproduce Attention's SDPA path; with ``fused_norms`` the layer boundaries
+    go through belle::add_rms_norm (the residual carried as a pending delta) too."""
+    from belle_edge.ops.norm import add_rms_norm
+
     ckpt = load_checkpoint(request.getfixturevalue(which))
     model = Decoder.from_state_dict(ckpt.config, ckpt.state_dict)
     capacity, mask = 128, MaskConfig(window=1, sinks=2)
@@ -82,6 +86,20 @@ def test_fused_attention_path_equals_the_models_attention(request, which):
                 ref = model(ids, np.array(kpos[start:]), np.array(kturn[start:]), mask, caches=caches["ref"],
                             start=start, key_positions=np.array(kpos), key_turns=np.array(kturn))
                 fused = model(ids, None, None, mask, caches=caches["fused"],
-                              fused=_fused_inputs(model, kpos, kturn, start, size, mask, capacity))
+                              fused=_fused_inputs(model, kpos, kturn, start, size, mask, capacity,
+                                                  add_rms_norm if fused_norms else None))
                 worst = max(worst, (ref - fused).abs().max().item())
     assert worst < 1e-4, worst
+
+
+def test_add_rms_norm_is_the_residual_add_then_the_models_norm():
+    from belle_edge.ops.norm import add_rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x, delta, w = torch.randn(2, 3, 64, generator=g), torch.randn(2, 3, 64, generator=g), torch.randn(64, generator=g)
+    norm = torch.nn.RMSNorm(64, eps=1e-6)
+    norm.weight.data.copy_(w)
+    h, y = add_rms_norm(x, delta, w, 1e-6)
+    assert torch.equal(h, x + delta) and torch.allclose(y, norm(x + delta), atol=1e-6)
+    h, y = add_rms_norm(x, None, w, 1e-6)
+    assert torch.equal(h, x) and h.data_ptr() != x.data_ptr() and torch.allclose(y, norm(x), atol=1e-6)

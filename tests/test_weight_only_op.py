@@ -122,3 +122,16 @@ def test_a_weight_only_session_replies_and_bad_options_are_refused(tiny_llama_di
     session = model.session(window=1, sinks=2, max_new_tokens=6)
     reply = session.send("你好")
     assert reply.stats.new_tokens > 0
+
+
+def test_an_int4_session_on_a_model_wide_enough_for_groups(tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_qwen2
+
+    make_tiny_qwen2(str(tmp_path), tiny_tokenizer, heads=2, kv_heads=1, head_dim=64, intermediate=256)
+    ckpt = load_checkpoint(str(tmp_path))
+    decoder = Decoder.from_state_dict(ckpt.config, ckpt.state_dict)
+    model = torch_chat_model(ckpt, decoder=decoder, weight_only="int4", fuse=True)
+    assert isinstance(decoder.layers[0].mlp.gate_up_proj, WeightOnlyLinear)
+    assert decoder.layers[0].mlp.gate_up_proj.codes.shape == (128, 256)  # [K, 2 * 256 / 2]
+    reply = model.session(window=1, sinks=2, max_new_tokens=6).send("你好")
+    assert reply.stats.new_tokens > 0

@@ -120,6 +120,9 @@ class FusedInputs:
     sinks: torch.Tensor          # int64 (1,)
     inv_freq: torch.Tensor | None  # fp32 (D/2,) for RoPE (the op rotates q and the new k), None for ALiBi
     max_keys: int                # the cache capacity: sizes the decode kernel's grid
+    # ``belle::add_rms_norm`` (belle_edge/ops/norm.py) for RMSNorm models: each layer boundary's residual add
+    # and norm as one op. None: the modules' own norms.
+    norm_op: Callable | None = None
 
 
 class Attention(nn.Module):
@@ -266,9 +269,27 @@ class Decoder(nn.Module):
         x = self.embed(input_ids)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
+        if fused.norm_op is not None and self.cfg.norm == "rms":
+            return self._forward_fused_norms(x, caches, fused, last_only)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, None, None, None, cache, 0, fused)
         return self._head(x, last_only)
+
+    def _forward_fused_norms(self, x, caches, fused: FusedInputs, last_only: bool) -> torch.Tensor:
+        """Block.forward's arithmetic with each sublayer's output carried as a pending ``delta`` into the
+        next norm: ``x, h = add_rms_norm(x, delta)`` is the residual add and the norm in one kernel."""
+        norm, delta = fused.norm_op, None
+        for layer, cache in zip(self.layers, caches):
+            x, h = norm(x, delta, layer.attn_norm.weight, layer.attn_norm.eps)
+            delta = layer.attn(h, None, None, None, cache, 0, fused)
+            x, h = norm(x, delta, layer.mlp_norm.weight, layer.mlp_norm.eps)
+            delta = layer.mlp(h)
+        if last_only:  # the head reads the last position only
+            x, delta = x[:, -1:], delta[:, -1:]
+        _, h = norm(x, delta, self.norm.weight, self.norm.eps)
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        return F.linear(h, self.embed.weight)
 
     def _head(self, x, last_only: bool) -> torch.Tensor:
         if last_only:

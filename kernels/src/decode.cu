@@ -17,6 +17,13 @@ constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int MIN_KEYS_PER_SPLIT = 128;
 
+// Keys per split, from the length held now (read on the device, so a captured graph replays at any length):
+// every split of the grid gets work from the first decode step on, instead of chunks sized for the
+// capacity that leave most blocks idle while the cache is short. At least 16 keys (one block step).
+__device__ __forceinline__ int split_chunk(int n_keys, int splits) {
+  return max(16, (n_keys + splits - 1) / splits);
+}
+
 template <int N>
 __device__ __forceinline__ void merge(float& m, float& l, float* acc, float m2, float l2, const float* acc2) {
   const float mx = fmaxf(m, m2);
@@ -41,11 +48,11 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(BelleAttentionParams p)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, sub = lane / LANES, part = lane % LANES;
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, splits = gridDim.x;
-  const int n_keys = load_start(p) + 1;
-  const int chunk = (p.max_keys + splits - 1) / splits;
+  const int n_keys = min(load_start(p) + 1, p.max_keys);
+  const int chunk = split_chunk(n_keys, splits);
   const int begin = split * chunk, end = min(n_keys, begin + chunk);
-  // The grid is sized for the cache's capacity (so a captured graph serves every length): chunks past the
-  // keys held now leave at once, and the combine pass reads only the live ones.
+  // Splits past the keys held now (short caches, where 16-key chunks run out first) leave at once; the
+  // combine pass reads only the live ones.
   if (begin >= n_keys) return;
   const int64_t window = *p.window, sinks = *p.sinks;
   const int64_t qp = p.q_pos[b * p.q_table_stride], qt = p.q_turn[b * p.q_table_stride];
@@ -187,8 +194,9 @@ __global__ void combine_kernel(BelleAttentionParams p, int splits) {
   const int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
   const float* rec = static_cast<const float*>(p.workspace) +
                      (static_cast<int64_t>(b) * p.num_heads + h) * splits * (D + 2);
-  const int chunk = (p.max_keys + splits - 1) / splits;
-  const int live = min(splits, (load_start(p) + 1 + chunk - 1) / chunk);
+  const int n_keys = min(load_start(p) + 1, p.max_keys);
+  const int chunk = split_chunk(n_keys, splits);
+  const int live = min(splits, (n_keys + chunk - 1) / chunk);
   float mm = kNegInf, ll = 0.f, aa = 0.f;
   for (int s = 0; s < live; ++s, rec += D + 2) merge<1>(mm, ll, &aa, rec[0], rec[1], rec + 2 + d);
   T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.num_heads + h) * D;
@@ -222,13 +230,12 @@ cudaError_t launch_dim(const BelleAttentionParams& p, cudaStream_t stream) {
 }  // namespace
 
 int decode_splits(const BelleAttentionParams& p) {
-  static int sms = 0;  // multiprocessors of the current device, asked once
-  if (sms == 0) {
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
-      sms = 16;
-  }
+  // Multiprocessors of the current device, asked at every call (cheap, allowed during graph capture): a
+  // value cached once would be shared unsynchronised between threads and wrong on a second, different GPU.
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0)
+    sms = 16;
   const int by_length = std::max(1, (p.max_keys + MIN_KEYS_PER_SPLIT - 1) / MIN_KEYS_PER_SPLIT);
   const int by_gpu = std::max(1, (8 * sms + p.batch * p.num_kv_heads - 1) / (p.batch * p.num_kv_heads));
   return std::min(by_length, by_gpu);

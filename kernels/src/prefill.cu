@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(THREADS) prefill_kernel(BelleAttentionParams p
   const int q0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const int T_ = p.new_tokens;
   const int hk = h / (p.num_heads / p.num_kv_heads);
-  const int n_keys = load_start(p) + T_;
+  const int n_keys = min(load_start(p) + T_, p.cache_capacity);  // a bad device-side start reads no further
   const int64_t window = *p.window, sinks = *p.sinks;
   const float slope = p.alibi_slopes ? DT::to_float(static_cast<const T*>(p.alibi_slopes)[h]) * kLog2e : 0.f;
   const float scale = p.scale * kLog2e;  // scores in log2 units: exp2 below

@@ -11,6 +11,10 @@ __global__ void write_kv_kernel(BelleAttentionParams p) {
   const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, i = threadIdx.x;
   const int half = p.head_dim / 2;
   const int slot = load_start(p) + t;
+  // A device-side start is not checked on the host (api.cu cannot read it): never write past the cache.
+  // The attention kernels clamp their key count to max_keys likewise, so bad tables give wrong numbers,
+  // not a corrupted neighbour allocation.
+  if (slot < 0 || slot >= p.cache_capacity) return;
   const int64_t src = b * p.kv_new_stride_b + h * p.kv_new_stride_h + t * p.kv_new_stride_t;
   const int64_t dst = ((static_cast<int64_t>(b) * p.num_kv_heads + h) * p.cache_capacity + slot) * p.head_dim;
   const T* k = static_cast<const T*>(p.k_new) + src;

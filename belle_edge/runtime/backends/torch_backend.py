@@ -55,6 +55,7 @@ class TorchBackend:
 
     def _init_fused(self) -> None:
         from ...ops.attention import dynamic_mask_attention
+        from ...ops.norm import fused_norm_op
 
         self._op = dynamic_mask_attention
         cfg, dev = self.decoder.cfg, self.device
@@ -67,6 +68,7 @@ class TorchBackend:
         self._sinks = torch.zeros(1, **long)
         self._mask_now = None
         self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, dev) if cfg.positions == "rope" else None
+        self._norm_op = fused_norm_op(cfg)
         # static inputs/outputs of the captured decode step
         self._ids = torch.zeros(1, 1, **long)
         self._q_pos = torch.zeros(1, 1, **long)
@@ -76,7 +78,8 @@ class TorchBackend:
 
     def _inputs(self, q_pos, q_turn) -> FusedInputs:
         return FusedInputs(op=self._op, start=self._start, q_pos=q_pos, q_turn=q_turn, k_pos=self._k_pos, k_turn=self._k_turn,
-                           window=self._window, sinks=self._sinks, inv_freq=self._inv_freq, max_keys=self.capacity)
+                           window=self._window, sinks=self._sinks, inv_freq=self._inv_freq, max_keys=self.capacity,
+                           norm_op=self._norm_op)
 
     def _sync_tables(self, start: int, mask: MaskConfig) -> None:
         """The device copy of the key table, for slots [0, keys.n): only what changed since the last call."""

@@ -52,10 +52,12 @@ class TorchPool:
         if self.fused:  # what every fused step reads, made once
             from ...models.positions import rope_inv_freq
             from ...ops.attention import dynamic_mask_attention
+            from ...ops.norm import fused_norm_op
 
             cfg = decoder.cfg
             self._op = dynamic_mask_attention
             self._inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, self.device) if cfg.positions == "rope" else None
+            self._norm_op = fused_norm_op(cfg)
 
     def _want_fused(self, fused) -> bool:
         """The kernels on CUDA where they serve this model; ``fused=True`` forces the op (on CPU its
@@ -129,7 +131,7 @@ class TorchPool:
                             q_pos=dev(q_pos), q_turn=dev(q_turn), k_pos=dev(k_pos), k_turn=dev(k_turn),
                             window=dev(np.array([WINDOW_OFF if mask.window is None else mask.window])),
                             sinks=dev(np.array([mask.sinks])),
-                            inv_freq=self._inv_freq, max_keys=start + t)
+                            inv_freq=self._inv_freq, max_keys=start + t, norm_op=self._norm_op)
         logits = self.decoder(dev(ids), None, None, None, caches=caches, last_only=True, fused=fused)
         for slot, _, positions, turns in rows:
             table = self.tables[slot]
@@ -166,3 +168,4 @@ class TorchPool:
             cache.k[slot, :, :n] = torch.from_numpy(layer[0]).to(cache.k)
             cache.v[slot, :, :n] = torch.from_numpy(layer[1]).to(cache.v)
         self.tables[slot].load(positions, turns)
+
