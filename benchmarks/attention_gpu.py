@@ -46,6 +46,13 @@ import torch.nn.functional as F
 from belle_edge.mask import WINDOW_OFF, MaskConfig, retained, visible
 from belle_edge.targets import target_for_device
 
+try:  # run as a script (python benchmarks/attention_gpu.py) or imported as benchmarks.attention_gpu
+    from weight_only_gpu import gemv_rows, prefill_row, weight_bytes_per_token, weight_only_e2e
+    from weight_only_gpu import render as render_weight_only
+except ImportError:
+    from benchmarks.weight_only_gpu import gemv_rows, prefill_row, weight_bytes_per_token, weight_only_e2e
+    from benchmarks.weight_only_gpu import render as render_weight_only
+
 
 def cuda_time(fn, repeats: int = 20, warmup: int = 3, inner: int = 50) -> float:
     """Milliseconds per fn() call on the GPU: the median over `repeats` of the mean of `inner` back-to-back
@@ -219,10 +226,6 @@ def make_3b(dtype=torch.float16):
     return model, decoder
 
 
-def weight_bytes_per_token(decoder) -> int:
-    """Bytes a decode step must read: every matrix once (the tied embedding as the lm_head), not the lookup."""
-    total = sum(p.numel() * p.element_size() for name, p in decoder.named_parameters() if name != "embed.weight")
-    return total + decoder.embed.weight.numel() * decoder.embed.weight.element_size()
 
 
 def ours_decode(decoder, prompt, new_tokens, capacity=4096):
@@ -340,6 +343,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--skip-e2e", action="store_true", help="kernel figures only (no 3B model)")
     ap.add_argument("--skip-flex", action="store_true", help="leave the FlexAttention peer out (no torch.compile)")
+    ap.add_argument("--skip-weight-only", action="store_true", help="leave the INT4/INT8 GEMV and decode figures out")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("attention_gpu: no CUDA GPU on this machine")
@@ -354,9 +358,19 @@ def main(argv=None):
     result["kernels"].append(attention_case("decode, 8k cached (not evicted), W=3", [256] * 32, 1, w3, flex=flex))
     for row in result["kernels"]:
         print(json.dumps(row))
+    save(result, args.out)
+    bw = memory_bandwidth_gb_s()
+    result["copy_bandwidth_gb_s"] = round(bw, 1)
+    if not args.skip_weight_only:
+        result["gemv"] = gemv_rows(cuda_time, bw)
+        for row in result["gemv"]:
+            print(json.dumps(row))
+        result["prefill_gemm"] = prefill_row(cuda_time)
+        print(json.dumps(result["prefill_gemm"]))
+        save(result, args.out)
     if not args.skip_e2e:
-        bw = memory_bandwidth_gb_s()
         model, decoder = make_3b()
+        decoder.fuse_projections()  # as torch_chat_model does on CUDA: q/k/v and gate/up as one GEMV each
         prompt = np.random.default_rng(0).integers(0, decoder.cfg.vocab_size, 64)
         wbytes = weight_bytes_per_token(decoder)
         ours = ours_decode(decoder, prompt, 128)
@@ -373,6 +387,7 @@ def main(argv=None):
             "target_roofline_tok_s": round(spec_roof, 1) if spec_roof else None,
             "target_roofline_share": round(ours / spec_roof, 3) if spec_roof else None}
         print(json.dumps(result["e2e"]))
+        save(result, args.out)
         try:
             result["decode_profile"] = profile_decode(decoder, prompt)
             total = sum(r["us_per_step"] for r in result["decode_profile"])
@@ -387,12 +402,22 @@ def main(argv=None):
         result["dialogue"] = [dialogue_turn20(decoder, window=w) for w in (3, None)]
         for row in result["dialogue"]:
             print(json.dumps(row))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention_gpu.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "attention_gpu.md"), "w") as f:
-        f.write(render(result))
+        if not args.skip_weight_only:
+            result["weight_only_e2e"] = weight_only_e2e(decoder, prompt, ours_decode, bw, ours)
+            for row in result["weight_only_e2e"]:
+                print(json.dumps(row))
+    save(result, args.out)
     print(render(result))
+
+
+def save(result: dict, out: str) -> None:
+    """Write what has been measured so far (called after each part: a run stopped by a time limit keeps
+    the parts it finished)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "attention_gpu.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "attention_gpu.md"), "w") as f:
+        f.write(render(result))
 
 
 def _ms(x) -> str:
@@ -446,6 +471,7 @@ def render(r: dict) -> str:
                      f"{b['batch1_tok_s']} tok/s, batch 4 {b['batch4_tok_s']} tok/s aggregate ({b['ratio']}x)")
     for d in r.get("dialogue", []):
         lines.append(f"- turn {d['turn']}, W={d['window']}: {d['decode_tok_s']} decode tok/s with {d['kv_tokens']} KV tokens")
+    lines += render_weight_only(r)
     return "\n".join(lines) + "\n"
 
 

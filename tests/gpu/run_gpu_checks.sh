@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, for a machine with CUDA (run from the repository root):
 #   1. builds kernels/ with nvcc for this GPU and prints ptxas' registers/spills of the hot kernels;
-#   2. pytest -m gpu: kernels vs the reference attention over random shapes/layouts/dtypes, the torch backend
-#      with the kernels and CUDA graphs vs the reference backend, torch on CUDA vs CPU, TensorRT device code;
-#   3. compute-sanitizer memcheck on small prefill/decode cases;
-#   4. the GPU benchmark (benchmarks/attention_gpu.py).
+#   2. pytest -m gpu: attention kernels vs the reference over random shapes/layouts/dtypes, the weight-only
+#      GEMM and the fused add+RMSNorm vs their references, the torch backend with the kernels, fused
+#      projections, weight-only linears and CUDA graphs vs the CPU reference, TensorRT device code;
+#   3. compute-sanitizer memcheck on small attention and weight-only GEMM cases;
+#   4. the GPU benchmark (benchmarks/attention_gpu.py: attention vs SDPA+mask / FlexAttention / causal SDPA,
+#      weight-only GEMV vs cuBLAS fp16, 3B decode at fp16/INT8/INT4, batch 4 vs 1, Orin projection).
+#
+#   tests/gpu/run_gpu_checks.sh [checks|bench|all]     (default all)
+#
+# `checks` is steps 1-3 (about 5 minutes), `bench` steps 1 and 4 (the build is cached); on a machine lent for
+# one 10-minute call, run `checks` and `bench` as two calls. The benchmark saves its results after each part,
+# so a run stopped by its time limit keeps what it finished.
 # It uses the Python that holds CUDA torch there, imports belle_edge from the work tree, and writes its log and
 # results to $OUT (or ./gpu-out). Each step has its own time limit; the exit status is the first failure's.
 set -uo pipefail
+phase=${1:-all}
+case "$phase" in checks|bench|all) ;; *) echo "usage: $0 [checks|bench|all]" >&2; exit 2 ;; esac
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -38,9 +48,13 @@ for r in rows:
     if any(h in r['name'] for h in HOT_KERNELS):
         print(f\"sm_{r['arch']} regs={r['registers']:3d} spill={r['spill_bytes']} stack={r['stack_bytes']} {r['name'][-60:]}\")
 print('built', lib)"
-  step "pytest -m gpu" 300 python3 -m pytest -q -rs -s -m gpu tests/gpu tests/test_trt_backend.py -p no:cacheprovider
-  step "compute-sanitizer" 180 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/gpu/sanitize_case.py
-  step "benchmark" 300 python3 benchmarks/attention_gpu.py --out "$out/results"
+  if [ "$phase" != bench ]; then
+    step "pytest -m gpu" 240 python3 -m pytest -q -rs -s -m gpu tests/gpu tests/test_trt_backend.py -p no:cacheprovider
+    step "compute-sanitizer" 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/gpu/sanitize_case.py
+  fi
+  if [ "$phase" != checks ]; then
+    step "benchmark" 480 python3 benchmarks/attention_gpu.py --out "$out/results"
+  fi
   exit "$status"
-} 2>&1 | tee "$out/gpu_checks.log"
+} 2>&1 | tee "$out/gpu_checks_$phase.log"
 exit "${PIPESTATUS[0]}"
