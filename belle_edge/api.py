@@ -9,13 +9,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32", chat_format: str = "auto",
          allow_pickle: bool = False, max_positions: int | None = None, threads: int | None = None,
-         backend: str = "auto") -> ChatModel:
+         backend: str = "auto", weight_only: str | None = None) -> ChatModel:
     """Open a model for chat.
 
     * a compiled artifact folder (``belle-edge compile``): its TensorRT engine where it can run here, else
       ONNX Runtime; no torch needed (``threads``; ``backend`` = auto | tensorrt | onnxruntime);
     * a local checkpoint (HF directory or GGUF; the default model when ``model`` is None): the torch
-      backend (``device``, ``dtype``, ``chat_format``, ``allow_pickle``, ``max_positions``).
+      backend (``device``, ``dtype``, ``chat_format``, ``allow_pickle``, ``max_positions``; ``weight_only``
+      "int4" | "int8": the linears as round-to-nearest codes through the weight-only GEMM kernels).
     """
     import os
 
@@ -30,6 +31,8 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
                          "compiled artifact (belle-edge compile)")
     if dtype not in DTYPES:
         raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if weight_only not in (None, "int4", "int8"):
+        raise InputError(f"weight_only {weight_only!r}: expected int4 or int8 (or none)")
     _require_torch()
     from .core.load import load_checkpoint
 
@@ -38,7 +41,8 @@ def load(model: str | None = None, *, device: str = "cpu", dtype: str = "float32
 
     known = known_model(model)
     named = known.title if known is not None else None
-    return torch_chat_model(ckpt, device=device, dtype=dtype, name=named if model is not None else "default")
+    return torch_chat_model(ckpt, device=device, dtype=dtype, name=named if model is not None else "default",
+                            weight_only=weight_only)
 
 
 def torch_chat_model(ckpt, *, device: str = "cpu", dtype: str = "float32", name: str | None = None,

@@ -135,3 +135,11 @@ def test_an_int4_session_on_a_model_wide_enough_for_groups(tmp_path, tiny_tokeni
     assert decoder.layers[0].mlp.gate_up_proj.codes.shape == (128, 256)  # [K, 2 * 256 / 2]
     reply = model.session(window=1, sinks=2, max_new_tokens=6).send("你好")
     assert reply.stats.new_tokens > 0
+
+
+def test_the_cli_takes_weight_only_and_refuses_a_bad_one(tiny_llama_dir, capsys):
+    from belle_edge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["chat", tiny_llama_dir, "--weight-only", "int3"])
+    assert e.value.code != 0 and "int3" in capsys.readouterr().err

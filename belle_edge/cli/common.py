@@ -15,6 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin pickle weights (unpickling runs code)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (torch backend)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (torch backend)")
+    p.add_argument("--weight-only", choices=("int4", "int8"),
+                   help="torch backend: linears as 4/8-bit codes through the weight-only GEMM kernels (CUDA)")
     p.add_argument("--max-positions", type=int, help="override the model's position limit")
     p.add_argument("--backend", default="auto",
                    help="artifacts: auto | tensorrt | onnxruntime (auto: the engine where it can run, else ONNX)")
@@ -77,7 +79,7 @@ def load_model(args):
     info(f"loading {args.model or 'the default model'} ...")
     model = load(args.model, dtype=args.dtype, device=args.device, chat_format=args.chat_format,
                  allow_pickle=args.allow_pickle, max_positions=args.max_positions, threads=args.threads,
-                 backend=args.backend)
+                 backend=args.backend, weight_only=args.weight_only)
     info(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s (backend {model.backend_name}, "
          f"format {model.chat_format.name})")
     return model
