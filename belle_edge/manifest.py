@@ -195,8 +195,10 @@ def read_manifest(folder: str, *, verify_hashes: bool = False) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: not readable JSON ({e})") from None
     manifest = Manifest.from_dict(data, where=path)
+    for field_name, name in _named_files(manifest):
+        artifact_file(folder, name, field_name)
     for name, record in manifest.files.items():
-        file = os.path.join(folder, name)
+        file = artifact_file(folder, name, f"files.{name}")
         if not os.path.isfile(file):
             raise ArtifactError(f"{folder}: {name} is missing (listed in {MANIFEST})")
         if os.path.getsize(file) != record.bytes:
@@ -204,6 +206,31 @@ def read_manifest(folder: str, *, verify_hashes: bool = False) -> Manifest:
         if verify_hashes and file_record(file).sha256 != record.sha256:
             raise ArtifactError(f"{file}: sha256 differs from the manifest")
     return manifest
+
+
+def artifact_file(folder: str, name: str, field_name: str) -> str:
+    """``folder/name``, refused unless ``name`` is a plain relative name that stays inside ``folder`` (no
+    absolute path, no ``..``, no symlink out): an artifact copied from elsewhere must not make the runtime
+    open, hash or load files outside it."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or "" in parts:
+        raise ArtifactError(f"{os.path.join(folder, MANIFEST)}: field {field_name}: {name!r} is not a file name "
+                            "inside the artifact folder")
+    path = os.path.join(folder, name)
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise ArtifactError(f"{path}: field {field_name} leads outside the artifact folder (a link to "
+                            f"{os.path.realpath(path)})")
+    return path
+
+
+def _named_files(manifest: "Manifest"):
+    """(field, file name) of every file the runtime opens by a name the manifest gives."""
+    yield "runtime.onnx", manifest.runtime.onnx
+    engine = manifest.runtime.engine
+    if engine is not None:
+        yield "runtime.engine.file", engine.file
+        yield "runtime.engine.log", engine.log
 
 
 # --------------------------------------------------------------------------------------------- (de)serialising

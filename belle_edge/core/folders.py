@@ -5,6 +5,10 @@ once the new one is whole.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -23,7 +27,10 @@ def staged_folder(out: str, *, force: bool = False) -> Iterator[str]:
         raise InputError(f"{out}: already exists; pass --force to replace it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-")
+    remove_abandoned(out)
+    # the pid in the name: a run killed outright (SIGKILL, power) cannot clean up after itself; the next run
+    # for the same folder removes work folders whose process is gone
+    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-{os.getpid()}-")
     try:
         yield work
         move_into_place(work, out)
@@ -33,14 +40,65 @@ def staged_folder(out: str, *, force: bool = False) -> Iterator[str]:
 
 
 def move_into_place(work: str, out: str) -> None:
-    """Rename a finished folder onto ``out``; an existing ``out`` is removed only once the new one is there."""
-    old = None
+    """Rename a finished folder onto ``out``. An existing ``out`` is swapped with the new one in one atomic
+    step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), so at every instant ``out`` is the
+    whole old folder or the whole new one, even if the process is killed; elsewhere the old one is moved
+    to a hidden name first and removed after."""
     if os.path.exists(out):
-        old = f"{out}.old-{os.getpid()}"
+        if _exchange(work, out):
+            shutil.rmtree(work, ignore_errors=True)  # now holds the old folder
+            return
+        old = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(work, out)
-    if old:
+        os.replace(work, out)
         shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(work, out)
+
+
+def remove_abandoned(out: str) -> list[str]:
+    """Remove the work folders (``.name.partial-PID-*``) and set-aside old folders (``.name.old-PID``) that a
+    killed run left beside ``out``, when process PID is gone. Returns what was removed."""
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    removed = []
+    for path in glob.glob(os.path.join(parent, f".{glob.escape(name)}.partial-*")) + \
+            glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*")):
+        tail = os.path.basename(path)[len(name) + 1:].split(".", 1)[-1]  # "partial-PID-xyz" | "old-PID"
+        pid = tail.split("-")[1] if tail.count("-") >= 1 else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where the call is not available or refused."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False  # the kernel or the file system cannot exchange: fall back
+    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
 
 
 def write_json_atomic(path: str, data) -> None:
