@@ -103,3 +103,35 @@ def test_add_rms_norm_is_the_residual_add_then_the_models_norm():
     assert torch.equal(h, x + delta) and torch.allclose(y, norm(x + delta), atol=1e-6)
     h, y = add_rms_norm(x, None, w, 1e-6)
     assert torch.equal(h, x) and h.data_ptr() != x.data_ptr() and torch.allclose(y, norm(x), atol=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_the_ctypes_bindings_match_the_c_structs():
+    """The library loads without a GPU, and its host-side functions (sizes, parameter checks) see the fields
+    the Python structs set: a field out of place would give other sizes or other refusals."""
+    import ctypes
+
+    from belle_edge.ops import norm, weight_only
+    from belle_edge.ops.build import build_library
+
+    lib = ctypes.CDLL(build_library((80,)))  # cached by the sources' hash
+    weight_only.bind(lib)
+    norm.bind(lib)
+    p = weight_only.Params(dtype=0, bits=4, m=4, n=300, k=256, group=128)
+    assert lib.belle_weight_only_workspace_size(ctypes.byref(p)) == 16 * 4 * 300 * 4  # 16 splits at most
+    assert lib.belle_weight_only_counters_size(ctypes.byref(p)) == 3 * 4  # one per 128 columns
+    p.m = 9
+    assert lib.belle_weight_only_workspace_size(ctypes.byref(p)) == 0  # the prefill path splits nothing
+    codes = ctypes.create_string_buffer(64)
+    aligned = ctypes.addressof(codes) + (-ctypes.addressof(codes)) % 16
+    p = weight_only.Params(dtype=0, bits=5, m=1, n=32, k=128, group=128, x=aligned, codes=aligned, scales=aligned,
+                           y=aligned, x_stride=128, y_stride=32)
+    assert lib.belle_weight_only_error_string(lib.belle_weight_only_gemm(ctypes.byref(p), None)) == b"bits must be 4 or 8"
+    p.bits, p.group = 4, 96
+    assert b"multiple of 64" in lib.belle_weight_only_error_string(lib.belle_weight_only_gemm(ctypes.byref(p), None))
+    p.group, p.n = 128, 40
+    assert b"multiple of 32" in lib.belle_weight_only_error_string(lib.belle_weight_only_gemm(ctypes.byref(p), None))
+    q = norm.Params(dtype=0, rows=1, width=20, eps=1e-6, x=aligned, weight=aligned, x_out=aligned, y=aligned)
+    assert b"multiple of 8" in lib.belle_rms_norm_error_string(lib.belle_add_rms_norm(ctypes.byref(q), None))
+    q.dtype = 7
+    assert b"BELLE_FP16" in lib.belle_rms_norm_error_string(lib.belle_add_rms_norm(ctypes.byref(q), None))

@@ -117,16 +117,14 @@ def load_library():
     global _library
     with _lock:
         if _library is None:
-            from .build import build_library
+            from .build import build_library, declare
 
             major, minor = torch.cuda.get_device_capability()
             lib = ctypes.CDLL(build_library((major * 10 + minor,)))
-            lib.belle_attention_forward.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p]
-            lib.belle_attention_forward.restype = ctypes.c_int
-            lib.belle_attention_workspace_size.argtypes = [ctypes.POINTER(Params)]
-            lib.belle_attention_workspace_size.restype = ctypes.c_size_t
-            lib.belle_attention_error_string.argtypes = [ctypes.c_int]
-            lib.belle_attention_error_string.restype = ctypes.c_char_p
+            params = ctypes.POINTER(Params)
+            declare(lib, {"belle_attention_forward": ([params, ctypes.c_void_p], ctypes.c_int),
+                          "belle_attention_workspace_size": ([params], ctypes.c_size_t),
+                          "belle_attention_error_string": ([ctypes.c_int], ctypes.c_char_p)})
             _library = lib
     return _library
 

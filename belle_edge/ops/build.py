@@ -26,6 +26,13 @@ class KernelBuildError(BelleEdgeError):
     """nvcc failed; the message names the log."""
 
 
+def declare(lib, signatures: dict) -> None:
+    """Give the C functions of ``lib`` their ctypes signatures: {name: (argtypes, restype)}."""
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+
+
 def sources(root: str | None = None) -> list[str]:
     root = root or kernels_dir()
     return sorted(glob.glob(os.path.join(root, "src", "*.cu")))

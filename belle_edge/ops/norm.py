@@ -74,10 +74,14 @@ def _library():
         if _bound is None:
             from .attention import load_library  # one shared library holds every kernel of kernels/src
 
-            lib = load_library()
-            lib.belle_add_rms_norm.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p]
-            lib.belle_add_rms_norm.restype = ctypes.c_int
-            lib.belle_rms_norm_error_string.argtypes = [ctypes.c_int]
-            lib.belle_rms_norm_error_string.restype = ctypes.c_char_p
-            _bound = lib
+            _bound = bind(load_library())
     return _bound
+
+
+def bind(lib):
+    """Declare the norm entry points of the kernels' library ``lib`` (a ctypes.CDLL); returns it."""
+    from .build import declare
+
+    declare(lib, {"belle_add_rms_norm": ([ctypes.POINTER(Params), ctypes.c_void_p], ctypes.c_int),
+                  "belle_rms_norm_error_string": ([ctypes.c_int], ctypes.c_char_p)})
+    return lib

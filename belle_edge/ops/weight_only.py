@@ -120,19 +120,21 @@ def _library():
         if _bound is None:
             from .attention import load_library  # one shared library holds every kernel of kernels/src
 
-            lib = load_library()
-            lib.belle_weight_only_gemm.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p]
-            lib.belle_weight_only_gemm.restype = ctypes.c_int
-            lib.belle_weight_only_workspace_size.argtypes = [ctypes.POINTER(Params)]
-            lib.belle_weight_only_workspace_size.restype = ctypes.c_size_t
-            lib.belle_weight_only_counters_size.argtypes = [ctypes.POINTER(Params)]
-            lib.belle_weight_only_counters_size.restype = ctypes.c_size_t
-            lib.belle_weight_only_dequantize.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p, ctypes.c_void_p]
-            lib.belle_weight_only_dequantize.restype = ctypes.c_int
-            lib.belle_weight_only_error_string.argtypes = [ctypes.c_int]
-            lib.belle_weight_only_error_string.restype = ctypes.c_char_p
-            _bound = lib
+            _bound = bind(load_library())
     return _bound
+
+
+def bind(lib):
+    """Declare the weight-only entry points of the kernels' library ``lib`` (a ctypes.CDLL); returns it."""
+    from .build import declare
+
+    params = ctypes.POINTER(Params)
+    declare(lib, {"belle_weight_only_gemm": ([params, ctypes.c_void_p], ctypes.c_int),
+                  "belle_weight_only_workspace_size": ([params], ctypes.c_size_t),
+                  "belle_weight_only_counters_size": ([params], ctypes.c_size_t),
+                  "belle_weight_only_dequantize": ([params, ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+                  "belle_weight_only_error_string": ([ctypes.c_int], ctypes.c_char_p)})
+    return lib
 
 
 def _params(x: Tensor | None, codes: Tensor, scales: Tensor, bits: int, group: int, dtype) -> Params:

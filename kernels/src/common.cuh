@@ -61,6 +61,20 @@ template <> struct Dtype<__nv_bfloat16> {
   }
 };
 
+// Four 8x8 b16 matrices from shared memory, one row address per lane (lanes 8m..8m+7: matrix m). With
+// .trans each lane receives a column pair instead of a row pair (the B-operand layout from a row-major
+// [k][n] tile, or W^T's A-operand layout from a [k][n] weight tile).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
 // Eight 16-bit values packed in 16 bytes -> floats, by bit operations (taking the address of a register
 // array would put it in local memory).
 template <typename T>

@@ -18,20 +18,6 @@ constexpr int WARPS = 4;     // BM / 16
 constexpr int THREADS = WARPS * 32;
 constexpr int PAD = 8;       // halves of padding per shared row: rows land on distinct banks
 
-// Four 8x8 b16 matrices from shared memory, one row address per lane (lanes 8m..8m+7: matrix m). With
-// .trans each lane receives a column pair instead of a row pair: the B-operand layout of P.V from a
-// row-major [key][dim] V tile.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
 template <int D>
 struct Smem {
   static constexpr int row = D + PAD;

@@ -26,17 +26,6 @@ constexpr int kMaxSplits = 16;
 constexpr int kGemvRows = 8;      // m <= 8: the decode kernel
 constexpr int kGemmRows = 64;
 
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void* row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], const void* row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
 // ------------------------------------------------------------------------------------------ dequantize
 // A code becomes an exact small integer in the activation type by the "magic number" trick: OR its
 // unsigned form u = code + 2^(bits-1) into the mantissa of a float whose exponent makes the unit step 1
@@ -113,6 +102,28 @@ __device__ __forceinline__ void dequant_int8(const uint4 raw, const uint32_t s[8
   out[1] = make_uint4(o[4], o[5], o[6], o[7]);
 }
 
+// INT4: the scales of 32 columns (4 x 16 bytes at sg) paired as dequant_int4 wants them.
+template <typename T>
+__device__ __forceinline__ void load_int4_scales(const T* sg, bool ok, uint32_t sp[16]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {  // scales of columns 8q .. 8q+7, paired (i, i + 4)
+    const uint4 s = ok ? *reinterpret_cast<const uint4*>(sg + 8 * q) : make_uint4(0, 0, 0, 0);
+    sp[4 * q + 0] = __byte_perm(s.x, s.z, 0x5410);
+    sp[4 * q + 1] = __byte_perm(s.x, s.z, 0x7632);
+    sp[4 * q + 2] = __byte_perm(s.y, s.w, 0x5410);
+    sp[4 * q + 3] = __byte_perm(s.y, s.w, 0x7632);
+  }
+}
+
+// INT8: the scales of 16 columns (2 x 16 bytes at sg), in column order.
+template <typename T>
+__device__ __forceinline__ void load_int8_scales(const T* sg, bool ok, uint32_t sp[16]) {
+  const uint4 a = ok ? *reinterpret_cast<const uint4*>(sg) : make_uint4(0, 0, 0, 0);
+  const uint4 b = ok ? *reinterpret_cast<const uint4*>(sg + 8) : make_uint4(0, 0, 0, 0);
+  sp[0] = a.x; sp[1] = a.y; sp[2] = a.z; sp[3] = a.w;
+  sp[4] = b.x; sp[5] = b.y; sp[6] = b.z; sp[7] = b.w;
+}
+
 // --------------------------------------------------------------------------------------------- kernel
 template <int BITS> struct Tile {
   static constexpr int kChunkCols = BITS == 4 ? 32 : 16;         // columns per 16-byte load
@@ -144,12 +155,7 @@ __global__ void __launch_bounds__(THREADS) weight_only_kernel(BelleWeightOnlyPar
 
   // INT8: the chunk's 16 column scales, fixed for the whole kernel.
   uint32_t sp[16];
-  if constexpr (BITS == 8) {
-    const uint4 a = col_ok ? *reinterpret_cast<const uint4*>(scales + col) : make_uint4(0, 0, 0, 0);
-    const uint4 b = col_ok ? *reinterpret_cast<const uint4*>(scales + col + 8) : make_uint4(0, 0, 0, 0);
-    sp[0] = a.x; sp[1] = a.y; sp[2] = a.z; sp[3] = a.w;
-    sp[4] = b.x; sp[5] = b.y; sp[6] = b.z; sp[7] = b.w;
-  }
+  if constexpr (BITS == 8) load_int8_scales(scales + col, col_ok, sp);
   int group_now = -1;
 
   uint4 creg[TL::kLoads];
@@ -185,15 +191,7 @@ __global__ void __launch_bounds__(THREADS) weight_only_kernel(BelleWeightOnlyPar
       const int group = k0 / p.group;  // a stage lies in one group: group % 64 == 0, k0 % 64 == 0
       if (group != group_now) {
         group_now = group;
-        const T* sg = scales + static_cast<int64_t>(group) * N + col;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {  // scales of columns 8q .. 8q+7, paired (i, i + 4)
-          const uint4 s = col_ok ? *reinterpret_cast<const uint4*>(sg + 8 * q) : make_uint4(0, 0, 0, 0);
-          sp[4 * q + 0] = __byte_perm(s.x, s.z, 0x5410);
-          sp[4 * q + 1] = __byte_perm(s.x, s.z, 0x7632);
-          sp[4 * q + 2] = __byte_perm(s.y, s.w, 0x5410);
-          sp[4 * q + 3] = __byte_perm(s.y, s.w, 0x7632);
-        }
+        load_int4_scales(scales + static_cast<int64_t>(group) * N + col, col_ok, sp);
       }
     }
 #pragma unroll
@@ -244,13 +242,13 @@ __global__ void __launch_bounds__(THREADS) weight_only_kernel(BelleWeightOnlyPar
     for (int kk = 0; kk < BK; kk += 32) {
       uint32_t bx[MT / 8][4];
 #pragma unroll
-      for (int j = 0; j < MT / 8; ++j) ldsm_x4(bx[j], sX + (j * 8 + b_row) * XROW + kk + b_col);
+      for (int j = 0; j < MT / 8; ++j) ldmatrix_x4(bx[j], sX + (j * 8 + b_row) * XROW + kk + b_col);
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           uint32_t a[4];
-          ldsm_x4_trans(a, sW + (kk + 16 * s + a_row) * WROW + a_col + 16 * i);
+          ldmatrix_x4_trans(a, sW + (kk + 16 * s + a_row) * WROW + a_col + 16 * i);
 #pragma unroll
           for (int j = 0; j < MT / 8; ++j) DT::mma(acc[i][j], a, bx[j][2 * s], bx[j][2 * s + 1]);
         }
@@ -320,23 +318,13 @@ __global__ void dequantize_kernel(BelleWeightOnlyParams p, T* w) {
   uint32_t sp[16];
   T* dst = w + static_cast<int64_t>(k) * p.n + col;
   if constexpr (BITS == 4) {
-    const T* sg = scales + static_cast<int64_t>(k / p.group) * p.n + col;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint4 s = *reinterpret_cast<const uint4*>(sg + 8 * q);
-      sp[4 * q + 0] = __byte_perm(s.x, s.z, 0x5410);
-      sp[4 * q + 1] = __byte_perm(s.x, s.z, 0x7632);
-      sp[4 * q + 2] = __byte_perm(s.y, s.w, 0x5410);
-      sp[4 * q + 3] = __byte_perm(s.y, s.w, 0x7632);
-    }
+    load_int4_scales(scales + static_cast<int64_t>(k / p.group) * p.n + col, true, sp);
     uint4 v[4];
     dequant_int4<T>(raw, sp, v);
 #pragma unroll
     for (int q = 0; q < 4; ++q) reinterpret_cast<uint4*>(dst)[q] = v[q];
   } else {
-    const uint4 a = *reinterpret_cast<const uint4*>(scales + col), b = *reinterpret_cast<const uint4*>(scales + col + 8);
-    sp[0] = a.x; sp[1] = a.y; sp[2] = a.z; sp[3] = a.w;
-    sp[4] = b.x; sp[5] = b.y; sp[6] = b.z; sp[7] = b.w;
+    load_int8_scales(scales + col, true, sp);
     uint4 v[2];
     dequant_int8<T>(raw, sp, v);
     reinterpret_cast<uint4*>(dst)[0] = v[0];
