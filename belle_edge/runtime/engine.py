@@ -127,7 +127,14 @@ class _Slot:
 
 class Generation:
     """One request's reply. Iterate it for the text (in whole characters); afterwards, or from another
-    thread, its attributes say how it went. :meth:`cancel` from any thread stops it at its next step."""
+    thread, its attributes say how it went. :meth:`cancel` from any thread stops it at its next step;
+    :meth:`close` from any thread ends it (once the step in flight is over).
+
+    The session's reply iterator only runs under the generation's lock. An iterator of the generation left
+    half-read is closed by whoever drops it last — or by the garbage collector, in any thread, at any
+    allocation, also one inside :meth:`close` of the same generation, while it closes the session's
+    iterator: the iterator then leaves the ending to close() ("generator already executing" otherwise,
+    printed as an ignored exception, and the turn not settled by it)."""
 
     def __init__(self, engine: "BatchEngine", system, turns, message, sampling, max_tokens, stop):
         self._engine = engine
@@ -137,6 +144,8 @@ class Generation:
         self._slot: _Slot | None = None
         self._stream: Iterator[str] | None = None
         self._cancelled = threading.Event()
+        self._lock = threading.Lock()  # held while the session's reply iterator runs (a step, or its close)
+        self._closing = False  # close() has begun: it ends the generation
         self._finished = False
         self.text = ""
         self.finish_reason: str | None = None  # eos | stop | length | context | cancelled | error
@@ -151,6 +160,10 @@ class Generation:
     def start(self) -> None:
         """Wait for a slot, bring its cache to the conversation, plan the turn. Errors raise here (an
         over-long message: InputError), with the slot's conversation left as it was. Idempotent."""
+        with self._lock:  # close() from another thread cancels the wait or the prefill, then finishes
+            self._start()
+
+    def _start(self) -> None:
         if self._stream is not None or self._finished:
             return  # started, or over (cancelled while it waited: iterating yields nothing)
         try:
@@ -169,6 +182,8 @@ class Generation:
             self._stats_before = len(session.stats)
             self._t_stream = time.perf_counter()
             self._stream = session.stream(self._request[2])
+        except Cancelled:  # cancelled (or the engine closed) during the prefill: nothing to reply, as above
+            self._finish("cancelled")
         except BaseException:
             self._finish("cancelled" if self._cancelled.is_set() else "error")
             raise
@@ -178,25 +193,38 @@ class Generation:
         if self._stream is None:
             return
         try:
-            for piece in self._stream:
+            while True:
+                with self._lock:  # one step; close() from another thread waits for it
+                    piece = next(self._stream, None)
+                if piece is None:
+                    break
                 self.text += piece
                 yield piece
         except Cancelled:
             pass
         finally:
-            self._stream.close()  # settles the turn if the consumer left early
-            self._finish("cancelled" if self._cancelled.is_set() else None)
+            # once close() has begun it ends the generation: not waiting for its lock, which may be held further
+            # up this very thread's stack (the collector closing this iterator from inside close())
+            if self._lock.acquire(blocking=not self._closing):
+                try:
+                    self._stream.close()  # settles the turn if the consumer left early
+                    self._finish("cancelled" if self._cancelled.is_set() else None)
+                finally:
+                    self._lock.release()
 
     def cancel(self) -> None:
         self._cancelled.set()
         self._engine._wake()
 
     def close(self) -> None:
-        """Let go of the request without (further) iterating: cancels it and frees its slot."""
+        """Let go of the request without (further) iterating: cancels it and frees its slot. From any thread;
+        a step running in another thread ends first (cancelled, at its next forward)."""
+        self._closing = True
         self.cancel()
-        if self._stream is not None:
-            self._stream.close()
-        self._finish("cancelled")
+        with self._lock:
+            if self._stream is not None:
+                self._stream.close()
+            self._finish("cancelled")
 
     # ------------------------------------------------------------------ inside
     def _check(self) -> None:

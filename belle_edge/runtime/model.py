@@ -4,6 +4,8 @@ Torch-free: the loader that made it may have used torch (the torch backend) or n
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +33,13 @@ class ChatModel:
     max_kv_tokens: int | None = None  # the most the backend can hold (a TensorRT engine's KV range), if bounded
     # (slots, capacity) -> a KV pool for the batched engine (runtime/engine.py); None where the backend has none
     pool_factory: Callable[[int, int], BatchBackend] | None = None
+
+    @functools.cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens as text (``<|im_start|>``, ``</s>``...): the tokenizer turns them into
+        their ids wherever they appear, so a user's text must not hold them (see ChatSession)."""
+        decoder = self.tokenizer.get_added_tokens_decoder()
+        return tuple(sorted({t.content for t in decoder.values() if t.special and t.content}))
 
     @property
     def default_capacity(self) -> int:

@@ -14,16 +14,23 @@ GET  /                          the chat page (serve/page.html)
 
 A request's life::
 
-    auth (401) -> body <= max_request_bytes (413) -> fields (400, request.py) -> engine.submit (400, 429, 503)
+    auth (401) -> body <= max_request_bytes (413) -> fields (400, request.py: at most max_messages messages,
+      max_prompt_chars characters, max_tokens_limit tokens) -> engine.submit (400, 429, 503)
       -> generation.start() in a worker thread: waits for a KV slot, reuses or prefills the history (400)
       -> the reply, iterated in worker threads (one ``next`` each) -> JSON, or one event per piece
 
 Every refusal is OpenAI's error object, so client libraries raise their usual exceptions; no user's mistake
 ends in a 500. The engine's blocking calls never run on the event loop. When the client goes away (also
 while the request waits for a slot) its generation is cancelled at once, which frees its KV slot.
+
+Guards: the API key is compared in constant time (``hmac.compare_digest`` of SHA-256 digests, so not even its
+length shows in the timing). A body is refused by its Content-Length before a byte of it is read, or as soon
+as a chunked one passes the limit, with ``Connection: close`` so that the rest is not drained (neither uvicorn
+nor starlette bounds a body). No request names a file: nothing here opens one but the page, at start.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -47,13 +54,24 @@ CLIENT_GONE = 499  # the status counted for a request whose client left before t
 log = logging.getLogger("belle_edge.serve")
 
 
-def create_app(engine, *, model_name: str, api_key: str | None = None, max_request_bytes: int = 1_000_000,
-               max_tokens_limit: int = 2048, max_messages: int = 256, shutdown_timeout: float = 10.0) -> FastAPI:
+DEFAULT_LIMITS = dict(max_request_bytes=1_000_000, max_tokens_limit=2048, max_messages=256, max_prompt_chars=100_000)
+
+
+def create_app(engine, *, model_name: str, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_LIMITS["max_request_bytes"],
+               max_tokens_limit: int = DEFAULT_LIMITS["max_tokens_limit"],
+               max_messages: int = DEFAULT_LIMITS["max_messages"],
+               max_prompt_chars: int = DEFAULT_LIMITS["max_prompt_chars"], shutdown_timeout: float = 10.0) -> FastAPI:
     """The app over ``engine`` (which it closes on shutdown, letting running replies finish for up to
     ``shutdown_timeout`` seconds). ``api_key``: None serves anyone; else ``Authorization: Bearer <key>``
-    is required on /v1/ (the page, /health and /metrics stay open)."""
-    server = _Server(engine, model_name=model_name, api_key=api_key, max_request_bytes=max_request_bytes,
-                     max_tokens_limit=max_tokens_limit, max_messages=max_messages)
+    is required on /v1/ (the page, /health and /metrics stay open). The limits are per request: body bytes,
+    tokens of the reply, messages, characters of content in all messages."""
+    limits = dict(max_request_bytes=max_request_bytes, max_tokens_limit=max_tokens_limit, max_messages=max_messages,
+                  max_prompt_chars=max_prompt_chars)
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name}: expected a whole number >= 1, got {value!r}")
+    server = _Server(engine, model_name=model_name, api_key=api_key, **limits)
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -127,11 +145,11 @@ class _ClientGone(Exception):
 
 class _Server:
     def __init__(self, engine, *, model_name: str, api_key: str | None, max_request_bytes: int,
-                 max_tokens_limit: int, max_messages: int):
+                 max_tokens_limit: int, max_messages: int, max_prompt_chars: int):
         self.engine, self.model_name = engine, model_name
-        self._key = api_key.encode("utf-8") if api_key else None
-        self.max_request_bytes, self.max_tokens_limit, self.max_messages = \
-            max_request_bytes, max_tokens_limit, max_messages
+        self._key = _digest(api_key.encode("utf-8")) if api_key else None
+        self.max_request_bytes, self.max_tokens_limit, self.max_messages, self.max_prompt_chars = \
+            max_request_bytes, max_tokens_limit, max_messages, max_prompt_chars
         self.metrics = ServerMetrics()
         self.created = int(time.time())
         self.closing = False
@@ -154,8 +172,10 @@ class _Server:
         if self._key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # headers arrive decoded as latin-1: back to their bytes, which a UTF-8 key is compared with
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self._key):
+        # headers arrive decoded as latin-1: back to their bytes, which a UTF-8 key is compared with; as digests,
+        # of one length whatever was sent, in constant time
+        given = _digest(token.strip().encode("latin-1"))
+        if not hmac.compare_digest(given, self._key) or scheme.lower() != "bearer":
             raise ApiError(401, "missing or incorrect API key: send the header Authorization: Bearer <key>",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -165,7 +185,8 @@ class _Server:
         if self.closing:
             raise _engine_error(EngineClosedError("the server is shutting down"))
         body = await _read_body(request, self.max_request_bytes)
-        req = parse_chat_request(body, max_tokens_limit=self.max_tokens_limit, max_messages=self.max_messages)
+        req = parse_chat_request(body, max_tokens_limit=self.max_tokens_limit, max_messages=self.max_messages,
+                                 max_prompt_chars=self.max_prompt_chars, model_name=self.model_name)
         try:
             sampling = SamplingConfig(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
             gen = self.engine.submit(list(req.messages), sampling=sampling, max_tokens=req.max_tokens, stop=req.stop)
@@ -204,6 +225,7 @@ class _EventStream(StreamingResponse):
 
     def __init__(self, server: _Server, gen, req: ChatRequest):
         self.server, self.gen, self.req = server, gen, req
+        self.pieces = iter(gen)  # held here: _settle closes it in a worker, not the collector anywhere
         self.client_gone = self.complete = False
         super().__init__(self._events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -225,7 +247,7 @@ class _EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):  # also when the stream was cancelled
                 await self.body_iterator.aclose()  # now, not when it is collected
-                await _settle(self.gen)  # here, not in _events: a stream may end before it starts
+                await _settle(self.gen, self.pieces)  # here, not in _events: a stream may end before it starts
             self.server.metrics.observe(self.gen)
             self.server.metrics.count_request(200 if self.complete else CLIENT_GONE)
 
@@ -245,7 +267,7 @@ class _EventStream(StreamingResponse):
 
         try:
             yield event(delta({"role": "assistant"}))
-            pieces, running = iter(gen), self.server.limiters()[1]
+            pieces, running = self.pieces, self.server.limiters()[1]
             while (piece := await anyio.to_thread.run_sync(next, pieces, None, limiter=running)) is not None:
                 yield event(delta({"content": piece}))  # one worker thread per step, not one per reply
             if self.client_gone:
@@ -294,26 +316,42 @@ async def _until_disconnect(request: Request, gen, fn, limiter: anyio.CapacityLi
         raise error
 
 
-async def _settle(gen) -> None:
+async def _settle(gen, pieces=None) -> None:
     """Let go of ``gen`` (frees its slot if it did not finish; the engine may take a step's time), also
-    when the task is being cancelled."""
+    when the task is being cancelled. ``pieces``: a half-read iterator of it, closed first, here and now: a
+    dropped stream's frames sit in reference cycles (exception tracebacks), so left to the garbage collector
+    it would be closed at some allocation in any thread — the event loop's, where it would wait for a step."""
+    def close():
+        if pieces is not None:
+            pieces.close()
+        gen.close()
+
     with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(gen.close)
+        await anyio.to_thread.run_sync(close)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    too_large = ApiError(413, f"the request body is larger than this server's limit of {limit} bytes",
-                         code="request_too_large")
+    """The body, at most ``limit`` bytes: refused (413) by its Content-Length before any of it is read, or as
+    soon as it passes the limit. ``Connection: close``: the server does not read the rest of it to keep the
+    connection."""
+    def too_large(got: str) -> ApiError:
+        return ApiError(413, f"the request body is {got} bytes, over this server's limit of {limit} bytes",
+                        code="request_too_large", headers={"Connection": "close"})
+
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large
+        raise too_large(declared)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise too_large(f"at least {size}")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 def _engine_error(e: BelleEdgeError) -> ApiError:

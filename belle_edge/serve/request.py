@@ -8,8 +8,10 @@ Fields read (anything else is ignored, as most clients send a few extras):
 ======================  =====================================  ===========================================
 field                   accepted                               default
 ======================  =====================================  ===========================================
-model                   any string (the answer names ours)     —
-messages                1..max_messages {role, content}        required
+model                   a name, never a file path (below)      —
+messages                1..max_messages {role, content},       required
+                        at most max_prompt_chars characters
+                        of content in all
 stream                  bool                                   false
 stream_options          {include_usage: bool}                  include_usage false
 temperature             number in [0, 2]                       1 (as OpenAI's API; 0 is greedy)
@@ -20,6 +22,12 @@ stop                    a string or a list of at most 4        none
 seed                    whole number                           none
 n                       1                                      1
 ======================  =====================================  ===========================================
+
+No field names a file: ``model`` is only compared with the served model's name (the answer names ours,
+whatever was asked), and a name that reads as a path or a URL (``..``, a leading ``/`` or ``~``, a
+backslash, ``://``, a control character) is refused with 400 unless it is exactly our model's name. Text
+that is not Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can carry) and JSON nested past
+Python's recursion limit are refused with 400, never a 500.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from ..errors import BelleEdgeError
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
 MAX_SEED = 2**63 - 1
+MAX_MODEL_NAME = 256  # characters
 
 
 class ApiError(BelleEdgeError):
@@ -62,19 +71,22 @@ class ChatRequest:
     seed: int | None = None
 
 
-def parse_chat_request(raw: bytes, *, max_tokens_limit: int, max_messages: int) -> ChatRequest:
-    """The request body (bytes) -> a ChatRequest; ApiError(400) naming the field otherwise."""
+def parse_chat_request(raw: bytes, *, max_tokens_limit: int, max_messages: int, max_prompt_chars: int = 100_000,
+                       model_name: str | None = None) -> ChatRequest:
+    """The request body (bytes) -> a ChatRequest; ApiError(400) naming the field otherwise. ``model_name``:
+    the served model's, the one path-like name accepted."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:  # [[[[... deeper than the interpreter's stack
+        raise bad_request("the request body is JSON nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_kind(body)}")
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise bad_request(f"model: expected a string, got {_kind(body['model'])}", "model")
+    _model(body.get("model"), model_name)
     _unsupported(body)
 
-    messages = _messages(body.get("messages"), max_messages)
+    messages = _messages(body.get("messages"), max_messages, max_prompt_chars)
     stream = _optional(body, "stream", bool, False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -100,6 +112,34 @@ def _kind(value) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
+def _model(model, served: str | None) -> None:
+    """``model`` is a name to compare, never a file to open: one that reads as a path is refused."""
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise bad_request(f"model: expected a string, got {_kind(model)}", "model")
+    if model == served:
+        return
+    if len(model) > MAX_MODEL_NAME:
+        raise bad_request(f"model: at most {MAX_MODEL_NAME} characters, got {len(model)}", "model",
+                          code="invalid_model")
+    if (".." in model or "\\" in model or "://" in model or model.startswith(("/", "~"))
+            or any(ord(c) < 32 or ord(c) == 127 for c in model)):
+        also = f"; this server serves {served!r}" if served else ""
+        raise bad_request(f"model: expected a model name, not a file path, got {model!r}{also}", "model",
+                          code="invalid_model")
+
+
+def _text(text: str, where: str) -> str:
+    """``text``, checked to be Unicode that UTF-8 can carry (JSON's escapes can make lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{where}: not valid Unicode (a lone surrogate {text[e.start]!r} at character "
+                          f"{e.start})", where) from None
+    return text
+
+
 def _unsupported(body: dict) -> None:
     """Fields that would change the answer's meaning if ignored."""
     for name in ("tools", "functions"):
@@ -112,7 +152,7 @@ def _unsupported(body: dict) -> None:
         raise bad_request("response_format: only {\"type\": \"text\"} is supported", "response_format")
 
 
-def _messages(messages, max_messages: int) -> tuple[dict, ...]:
+def _messages(messages, max_messages: int, max_prompt_chars: int) -> tuple[dict, ...]:
     if messages is None:
         raise bad_request("messages: required (a list of {role, content})", "messages")
     if not isinstance(messages, list):
@@ -121,7 +161,7 @@ def _messages(messages, max_messages: int) -> tuple[dict, ...]:
         raise bad_request("messages: expected at least one message", "messages")
     if len(messages) > max_messages:
         raise bad_request(f"messages: at most {max_messages} messages per request, got {len(messages)}", "messages")
-    out = []
+    out, chars = [], 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -129,20 +169,25 @@ def _messages(messages, max_messages: int) -> tuple[dict, ...]:
         role = m.get("role")
         if role not in ROLES:
             raise bad_request(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content")})
+        content = _content(m.get("content"), f"{where}.content")
+        chars += len(content)
+        out.append({"role": role, "content": content})
+    if chars > max_prompt_chars:
+        raise bad_request(f"messages: at most {max_prompt_chars} characters of content per request on this server, "
+                          f"got {chars}", "messages", code="prompt_too_long")
     return tuple(out)
 
 
 def _content(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, where)
     if isinstance(content, list):  # content parts: text only
         texts = []
         for k, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise bad_request(f"{where}[{k}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
                                   "supported", f"{where}[{k}]")
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}[{k}].text"))
         return "".join(texts)
     raise bad_request(f"{where}: expected a string, got {_kind(content)}", where)
 
@@ -205,4 +250,6 @@ def _stop(stop) -> tuple[str, ...]:
         raise bad_request(f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
     if not all(stop):
         raise bad_request("stop: stop strings must not be empty", "stop")
+    for s in stop:
+        _text(s, "stop")
     return tuple(stop)
