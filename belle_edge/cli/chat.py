@@ -75,8 +75,10 @@ def run_chat(args) -> int:
 
 def _read_script(path: str) -> list[str]:
     try:
+        # a BOM (Windows Notepad; any line of files joined with cat) made its line a message even when it was a '#'
+        # comment, and "\ufeff" is no whitespace to strip() (fuzzing): BOMs are dropped
         with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+            lines = [line.replace("\ufeff", "").strip() for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read the dialogue script ({e})") from None
     messages = [line for line in lines if line and not line.startswith("#")]

@@ -145,13 +145,23 @@ def parse_record(obj: dict, where: str) -> Dialogue:
         return _parse_conversations(obj, where)
     if "instruction" in obj:
         return _parse_instruction(obj, where)
-    fields = ", ".join(sorted(map(str, obj))[:8]) or "none"
+    # field names shown escaped and cut: a name holding a line break broke the one-line message (fuzzing)
+    fields = ", ".join(repr(name)[1:-1][:40] for name in sorted(map(str, obj))[:8]) or "none"
     raise InputError(f"{where}: not a known record: expected field 'conversations' (BELLE multi-turn) or "
                      f"'instruction' + 'output' (instruction format), got fields: {fields}")
 
 
 def _json_error(path: str, err: json.JSONDecodeError, hint: str) -> InputError:
     return InputError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno}); {hint}")
+
+
+# Beyond JSONDecodeError, decoding raises ValueError for an integer of more than 4,300 digits and RecursionError
+# for arrays or objects nested thousands deep (both found by fuzzing, tests/test_fuzz_inputs.py).
+_UNDECODABLE = (ValueError, RecursionError)
+
+
+def _undecodable(where: str, err: Exception, hint: str) -> InputError:
+    return InputError(f"{where}: invalid JSON ({str(err).splitlines()[0][:120]}); {hint}")
 
 
 def _read_array(path: str, text: str) -> list[Dialogue]:
@@ -178,6 +188,8 @@ def _read_array(path: str, text: str) -> list[Dialogue]:
                 obj, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as err:
                 raise _json_error(path, err, hint) from None
+            except _UNDECODABLE as err:
+                raise _undecodable(f"{path}:{line(i)}", err, hint) from None
             dialogues.append(parse_record(obj, f"{path}:{line(i)}"))
             i = skip(end)
             if i < len(text) and text[i] == ",":
@@ -216,6 +228,9 @@ def read_dialogues(path: str) -> list[Dialogue]:
         except json.JSONDecodeError as err:
             raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno}); expected one JSON "
                              f"object per line (JSON lines) or one JSON array") from None
+        except _UNDECODABLE as err:
+            raise _undecodable(f"{path}:{lineno}", err, "expected one JSON object per line (JSON lines) or one JSON "
+                                                        "array") from None
         dialogues.append(parse_record(obj, f"{path}:{lineno}"))
     return dialogues
 

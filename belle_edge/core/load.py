@@ -51,10 +51,13 @@ def load_config(model: str | None = None):
 
     if model is not None and os.path.isfile(os.path.join(model, QUANTIZED_RECORD)):
         record = os.path.join(model, QUANTIZED_RECORD)
+        data = read_json(record)
         try:
-            return ModelConfig.from_dict(read_json(record)["model"])
+            return ModelConfig.from_dict(data["model"])
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{record}: no readable model config ({type(e).__name__}: {e})") from None
+        except CheckpointError as e:  # ModelConfig names the field, not the file (fuzzing)
+            raise CheckpointError(f"{record}: field model: {e}") from None
     path = checkpoint_path(model)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         return read_hf_config(path)
@@ -93,7 +96,7 @@ def checkpoint_path(model: str | None) -> str:
 
 
 def _only_gguf(folder: str) -> str:
-    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    ggufs = sorted(glob.glob(os.path.join(glob.escape(folder), "*.gguf")))  # "[" in a folder name is no pattern
     if len(ggufs) != 1:
         raise CheckpointError(f"{folder}: not a model directory: expected config.json or one .gguf file, "
                               f"found {len(ggufs)} .gguf files and no config.json")

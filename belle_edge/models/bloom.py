@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import CheckpointError, UnsupportedModelError
-from .config import ModelConfig
-from .convert import eos_ids, rename_layers, require, split_fused
+from .config import MAX_SIZE, ModelConfig, hf_bos_id, hf_eos_ids, hf_flag, hf_positive, hf_size
+from .convert import rename_layers, split_fused
 from .positions import alibi_slopes
 
 
@@ -39,24 +39,27 @@ _DEFAULT_POSITIONS = 2048  # BLOOM was trained on 2,048-token sequences; ALiBi i
 
 
 def config_from_hf(hf: dict, *, where: str) -> ModelConfig:
-    if hf.get("apply_residual_connection_post_layernorm"):
+    if hf_flag(hf, "apply_residual_connection_post_layernorm", where, False):
         raise UnsupportedModelError(f"{where}: apply_residual_connection_post_layernorm=true is not supported")
-    hidden = hf.get("hidden_size") or require(hf, "n_embed", where)
-    heads = hf.get("n_head") or require(hf, "num_attention_heads", where)
-    layers = hf.get("n_layer") or require(hf, "num_hidden_layers", where)
+    # fields checked for type and range as they are read (fuzzing found a string size to raise TypeError below)
+    hidden = hf_size(hf, "hidden_size", where, default=0) or hf_size(hf, "n_embed", where)
+    heads = hf_size(hf, "n_head", where, default=0) or hf_size(hf, "num_attention_heads", where)
+    layers = hf_size(hf, "n_layer", where, default=0) or hf_size(hf, "num_hidden_layers", where)
     if hidden % heads:
         raise CheckpointError(f"{where}: hidden_size {hidden} is not divisible by n_head {heads}")
+    if 4 * hidden > MAX_SIZE:  # BLOOM's MLP is 4 x hidden
+        raise CheckpointError(f"{where}: config field 'hidden_size': expected at most {MAX_SIZE // 4}, got {hidden}")
     return ModelConfig(
         family="bloom",
-        vocab_size=require(hf, "vocab_size", where),
+        vocab_size=hf_size(hf, "vocab_size", where),
         hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
         intermediate_size=4 * hidden,
-        max_positions=hf.get("seq_length") or _DEFAULT_POSITIONS,
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        max_positions=hf_size(hf, "seq_length", where, default=_DEFAULT_POSITIONS),
+        norm_eps=hf_positive(hf, "layer_norm_epsilon", where, 1e-5),
         norm="layer", mlp="gelu", positions="alibi",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tie_embeddings=hf_flag(hf, "tie_word_embeddings", where, True),
         embed_norm=True, attention_bias=True, mlp_bias=True,
-        bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids(hf),
+        bos_token_id=hf_bos_id(hf, where), eos_token_ids=hf_eos_ids(hf, where),
     )
 
 

@@ -5,8 +5,8 @@ Maps a Hugging Face ``LlamaConfig`` and state dict onto the canonical ones and b
 from __future__ import annotations
 
 from ..errors import CheckpointError, UnsupportedModelError
-from .config import ModelConfig
-from .convert import eos_ids, rename_layers, require
+from .config import ModelConfig, hf_bos_id, hf_eos_ids, hf_flag, hf_object, hf_positive, hf_size
+from .convert import rename_layers
 
 
 # canonical name -> Hugging Face name; "{i}" is the layer index
@@ -37,31 +37,43 @@ _LAYER_PREFIX = ("layers.{i}.", "model.layers.{i}.")
 
 
 def config_from_hf(hf: dict, *, where: str) -> ModelConfig:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    # every field is checked for its type and range as it is read (hf_size, hf_positive, ...): fuzzing found a
+    # string size, 0 heads or a string rope_scaling to raise TypeError / ZeroDivisionError / AttributeError here
+    rope = hf_object(hf, "rope_parameters", where) or hf_object(hf, "rope_scaling", where)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise UnsupportedModelError(f"{where}: rope scaling {rope_type!r} is not supported (only plain RoPE)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    hidden = require(hf, "hidden_size", where)
-    heads = require(hf, "num_attention_heads", where)
+    theta = hf_positive(hf, "rope_theta", where, 10000.0)
+    if rope.get("rope_theta") is not None:
+        rope_key = "rope_parameters" if hf_object(hf, "rope_parameters", where) else "rope_scaling"
+        theta = hf_positive(hf, f"{rope_key}.rope_theta", where, theta, value=rope["rope_theta"])
+    hidden = hf_size(hf, "hidden_size", where)
+    heads = hf_size(hf, "num_attention_heads", where)
+    kv_heads = hf_size(hf, "num_key_value_heads", where, default=heads)
+    if heads % kv_heads:
+        raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = hf_size(hf, "head_dim", where, default=hidden // heads)
+    if not head_dim:
+        raise CheckpointError(f"{where}: hidden_size {hidden} is smaller than num_attention_heads {heads} and "
+                              "there is no head_dim")
     return ModelConfig(
         family="llama",
-        vocab_size=require(hf, "vocab_size", where),
+        vocab_size=hf_size(hf, "vocab_size", where),
         hidden_size=hidden,
-        num_layers=require(hf, "num_hidden_layers", where),
+        num_layers=hf_size(hf, "num_hidden_layers", where),
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hidden // heads,
-        intermediate_size=require(hf, "intermediate_size", where),
-        max_positions=hf.get("max_position_embeddings") or 2048,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=hf_size(hf, "intermediate_size", where),
+        max_positions=hf_size(hf, "max_position_embeddings", where, default=2048),
+        norm_eps=hf_positive(hf, "rms_norm_eps", where, 1e-6),
         norm="rms", mlp="swiglu", positions="rope",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        rope_theta=float(theta),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf),
+        tie_embeddings=hf_flag(hf, "tie_word_embeddings", where, False),
+        attention_bias=hf_flag(hf, "attention_bias", where, False),
+        mlp_bias=hf_flag(hf, "mlp_bias", where, False),
+        rope_theta=theta,
+        bos_token_id=hf_bos_id(hf, where),
+        eos_token_ids=hf_eos_ids(hf, where),
     )
 
 

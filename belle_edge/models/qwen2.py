@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from . import llama
-from .config import ModelConfig
+from .config import ModelConfig, hf_flag
 
 
 def config_from_hf(hf: dict, *, where: str) -> ModelConfig:
-    if hf.get("use_sliding_window"):
+    if hf_flag(hf, "use_sliding_window", where, False):
         raise UnsupportedModelError(f"{where}: use_sliding_window=true is not supported (only full attention)")
     base = llama.config_from_hf({**hf, "attention_bias": False, "mlp_bias": False}, where=where)
-    return base.replace(family="qwen2", qkv_bias=True, norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+    return base.replace(family="qwen2", qkv_bias=True)  # llama's reading already took rms_norm_eps, checked
 
 
 def state_dict_from_hf(sd: dict, cfg: ModelConfig, *, where: str) -> dict:

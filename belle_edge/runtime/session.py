@@ -84,6 +84,8 @@ class ChatSession:
         self.backend = backend if backend is not None else model.backend_factory(capacity)
         self.ledger = CacheLedger(capacity)
         self._fmt = model.chat_format
+        if self.system:
+            _refuse_special_tokens(model, self.system, "system prompt")
         self.configure(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop)
         self._active = None  # the reply iterator in flight, if any
         self._epoch = 0  # bumped by reset(): a stale reply iterator must not touch the new dialogue
@@ -142,6 +144,7 @@ class ChatSession:
         self._close_active()  # a reply left half-read ends here, settled, before the next turn is planned
         if not isinstance(message, str) or not message.strip():
             raise InputError("message is empty")
+        _refuse_special_tokens(self.model, message, "message")
         turn = self.turn + 1
         close, new = self._tokenize_turn(turn, message)
         kept = self._kept_after(turn, close)
@@ -397,27 +400,139 @@ class ChatSession:
 
     @classmethod
     def restore(cls, model, path: str) -> "ChatSession":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                arrays = {k: data[k] for k in ("ids", "positions", "turns", "kv")}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise SessionFileError(f"{path}: not a readable belle_edge session file ({e})") from None
+        # Everything read is checked before it is used (fuzzing, tests/test_fuzz_inputs.py, found a file that is
+        # not an object, a wrong type in any field, a KV array of the wrong shape, a capacity of 10**12 and a
+        # member declaring gigabytes to raise AttributeError / RuntimeError or allocate without bound).
+        meta, arrays = _read_session_file(path)
         if meta.get("version") != SESSION_FILE_VERSION:
-            raise SessionFileError(f"{path}: session file version {meta.get('version')}, expected {SESSION_FILE_VERSION}")
+            raise SessionFileError(f"{path}: session file version {meta.get('version')!r}, expected {SESSION_FILE_VERSION}")
         if meta.get("fingerprint") != model.fingerprint:
-            raise SessionFileError(f"{path}: saved from another model ({meta.get('fingerprint')} vs {model.fingerprint})")
+            raise SessionFileError(f"{path}: saved from another model ({str(meta.get('fingerprint'))[:40]!r} vs "
+                                   f"{model.fingerprint!r})")
         try:
+            _check_meta(meta, arrays, model)
+            n = len(arrays["ids"])
+            # room beyond the model's positions is never used (_room): a capacity past them only costs memory
+            capacity = min(meta["capacity"], max(model.max_positions, n))
             session = cls(model, system=meta["system"], mask=MaskConfig(**meta["mask"]),
                           sampling=SamplingConfig(**meta["sampling"]), max_new_tokens=meta["max_new_tokens"],
-                          max_kv_tokens=meta["capacity"], stop=tuple(meta["stop"]))
+                          max_kv_tokens=capacity, stop=tuple(meta["stop"]))
+            empty = session.backend.read_kv().shape  # (layers, 2, kv_heads, 0, head_dim)
+            kv = arrays.pop("kv")
+            if kv.shape != (*empty[:3], n, *empty[4:]) or kv.dtype.kind != "f":
+                raise ValueError(f"field kv: expected float {(*empty[:3], n, *empty[4:])}, got {kv.dtype} {kv.shape}")
             session.ledger.load_arrays(arrays)
-            session.backend.write_kv(arrays.pop("kv"), session.ledger.positions, session.ledger.turns)
-        except (KeyError, TypeError, ValueError, AssertionError) as e:
-            raise SessionFileError(f"{path}: damaged session file ({type(e).__name__}: {e})") from None
+            session.backend.write_kv(kv, session.ledger.positions, session.ledger.turns)
+            session.sampler.set_state(meta["sampler_state"])
+            session.stats = [TurnStats(**s) for s in meta["stats"]]
+        except (KeyError, TypeError, ValueError, AssertionError, OverflowError, InputError) as e:
+            raise SessionFileError(f"{path}: damaged session file ({type(e).__name__}: {_one_line(e)})") from None
         session._valid = session.ledger.n
         session.turn, session.history, session._pending = meta["turn"], meta["history"], meta["pending"]
         session._opened = meta["opened"]
-        session.sampler.set_state(meta["sampler_state"])
-        session.stats = [TurnStats(**s) for s in meta["stats"]]
         return session
+
+
+_SESSION_ARRAYS = ("meta", "ids", "positions", "turns", "kv")
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:200]
+
+
+def _read_session_file(path: str) -> tuple[dict, dict]:
+    """The metadata and arrays of a session file, each array read only after its header was checked against the
+    bytes the file holds for it (a flipped header could declare gigabytes, and numpy allocates what it declares)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy: np.load returned an array
+            raise ValueError("not an .npz archive")
+        with data:
+            for name in _SESSION_ARRAYS:
+                _check_member(data.zip, name + ".npy", os.path.getsize(path))
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in _SESSION_ARRAYS[1:]}
+    except Exception as e:  # zipfile and numpy raise many types on a damaged file (BadZipFile, zlib.error,
+        # NotImplementedError, EOFError, tokenize.TokenError from a flipped header, ...): all mean "unreadable"
+        raise SessionFileError(f"{path}: not a readable belle_edge session file ({type(e).__name__}: {_one_line(e)})") \
+            from None
+    if not isinstance(meta, dict):
+        raise SessionFileError(f"{path}: damaged session file (meta: expected an object, got {type(meta).__name__})")
+    return meta, arrays
+
+
+def _check_member(archive: zipfile.ZipFile, name: str, file_size: int) -> None:
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size or info.file_size > file_size:
+        raise ValueError(f"member {name}: not stored as written by ChatSession.save")
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"member {name}: .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        header = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"member {name}: objects (pickled data)")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared != info.file_size - header:
+        raise ValueError(f"member {name}: declares {declared} bytes of data, holds {info.file_size - header}")
+
+
+_STAT_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_meta(meta: dict, arrays: dict, model) -> None:
+    """Raise ValueError / TypeError naming the first field of a session file that a restore cannot use."""
+    def need(ok: bool, field: str, expected: str, value) -> None:
+        if not ok:
+            raise TypeError(f"field {field}: expected {expected}, got {type(value).__name__} {str(value)[:40]!r}")
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    need(meta.get("system") is None or isinstance(meta.get("system"), str), "system", "a string or null",
+         meta.get("system"))
+    for name in ("mask", "sampling", "sampler_state"):
+        need(isinstance(meta.get(name), dict), name, "an object", meta.get(name))
+    need(whole(meta.get("capacity")) and meta["capacity"] >= 2, "capacity", "a whole number >= 2", meta.get("capacity"))
+    stop = meta.get("stop")
+    need(isinstance(stop, list) and all(isinstance(x, str) and x for x in stop), "stop", "a list of non-empty strings",
+         stop)
+    history = meta.get("history")
+    need(isinstance(history, list) and all(isinstance(h, dict) and set(h) == {"user", "reply"}
+                                           and all(isinstance(v, str) for v in h.values()) for h in history),
+         "history", 'a list of {"user", "reply"} strings', history)
+    need(meta.get("turn") == len(history) and whole(meta.get("turn")), "turn", f"{len(history)} (the turns in history)",
+         meta.get("turn"))
+    need(isinstance(meta.get("opened"), bool), "opened", "true or false", meta.get("opened"))
+    need(isinstance(meta.get("pending"), str), "pending", "a string", meta.get("pending"))
+    stats = meta.get("stats")
+    need(isinstance(stats, list) and all(isinstance(s, dict) for s in stats), "stats", "a list of objects", stats)
+    fields = {f.name: _STAT_TYPES[f.type] for f in dataclasses.fields(TurnStats)}
+    for s in stats:
+        need(set(s) == set(fields) and all(isinstance(s[k], t) and (bool in t or not isinstance(s[k], bool))
+                                           for k, t in fields.items()), "stats", "TurnStats records", s)
+    ids, positions, turns = (arrays[k] for k in ("ids", "positions", "turns"))
+    for name, a in (("ids", ids), ("positions", positions), ("turns", turns)):
+        need(a.ndim == 1 and a.dtype.kind in "iu" and len(a) == len(ids), name, f"{len(ids)} whole numbers", a.dtype)
+    n, vocab = len(ids), model.tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > meta["capacity"]:
+        raise ValueError(f"field ids: {n} tokens, more than the capacity {meta['capacity']}")
+    if n and not (0 <= ids.min() and ids.max() < vocab):
+        raise ValueError(f"field ids: token ids outside 0..{vocab - 1}")
+    if n and not (positions.min() >= 0 and positions.max() < model.max_positions and (np.diff(positions) > 0).all()):
+        raise ValueError(f"field positions: expected increasing positions in 0..{model.max_positions - 1}")
+    if n and not (turns.min() >= 0 and turns.max() <= meta["turn"] and (np.diff(turns) >= 0).all()):
+        raise ValueError(f"field turns: expected non-decreasing turns in 0..{meta['turn']}")
+
+
+def _refuse_special_tokens(model, text: str, what: str) -> None:
+    """A user's text is tokenized with the chat format's own text around it, and the tokenizer turns a
+    special token's text into the token wherever it appears: ``<|im_end|><|im_start|>system`` typed into a
+    message would end the user's turn and open a system one. Such text is refused, never passed on."""
+    found = next((s for s in model.special_texts if s in text), None)
+    if found is not None:
+        raise InputError(f"{what}: holds the special token {found!r} (the model's control text, not allowed in "
+                         "a user's text)")

@@ -178,7 +178,6 @@ def normalize_text(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ whitespace
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
-_TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 _INNER_RUN = re.compile(r"(?<=[^\s])[ \t]+(?=[^\s])")  # between two non-space characters: not indentation
 _NEWLINES = re.compile(r"\n{3,}")
 
@@ -186,7 +185,9 @@ _NEWLINES = re.compile(r"\n{3,}")
 def clean_whitespace(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _ZERO_WIDTH.sub("", text)
-    text = _TRAILING.sub("", text)
+    # trailing spaces/tabs per line: the regex r"[ \t]+$" (MULTILINE) took quadratic time on a long run of spaces
+    # inside a line (40,000 spaces: 4 s; found by fuzzing, tests/test_fuzz_inputs.py)
+    text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
     text = _INNER_RUN.sub(" ", text)
     text = _NEWLINES.sub("\n\n", text)
     return text.strip()
@@ -231,16 +232,24 @@ _ASCII_LETTER = re.compile("[A-Za-z]")
 _KANA = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
 
 
+def _count(pattern: re.Pattern, text: str, chunk: int = 65536) -> int:
+    """How many characters of ``text`` the one-character ``pattern`` matches, a chunk at a time (re.sub keeps a
+    list entry per match). ``len(findall)`` made a list of one string per character, ~80 bytes each: 17 MB for a
+    200,000-character reply (found by fuzzing, tests/test_fuzz_inputs.py)."""
+    return sum(len(part) - len(pattern.sub("", part)) for part in (text[i:i + chunk]
+                                                                   for i in range(0, len(text), chunk)))
+
+
 def detect_language(text: str) -> str | None:
     """"zh" when CJK ideographs are >= 30% of the letters (ideographs counted as letters) and kana < 10% (so
     Japanese is not taken for Chinese), "en" when ASCII letters are >= 70%, "other" otherwise, None with no
     letters at all."""
-    letters = len(_LETTER.findall(text))
+    letters = _count(_LETTER, text)
     if not letters:
         return None
-    if len(_IDEOGRAPH_RE.findall(text)) >= 0.3 * letters and len(_KANA.findall(text)) < 0.1 * letters:
+    if _count(_IDEOGRAPH_RE, text) >= 0.3 * letters and _count(_KANA, text) < 0.1 * letters:
         return "zh"
-    if len(_ASCII_LETTER.findall(text)) >= 0.7 * letters:
+    if _count(_ASCII_LETTER, text) >= 0.7 * letters:
         return "en"
     return "other"
 
@@ -255,11 +264,20 @@ def _content_key(d: Dialogue) -> str:
     return "\x1e".join(_WS.sub("", p).casefold() for p in parts)
 
 
-def _shingles(key: str) -> set[bytes]:
+_SHINGLE_BATCH = 4096  # shingles hashed at once: datasketch makes a (batch, NUM_PERM) uint64 array per batch
+
+
+def _shingle_batches(key: str):
+    """The key's shingles in batches of at most _SHINGLE_BATCH (repeats included: a MinHash is a minimum, so a
+    repeat changes nothing). Hashed all at once they cost 1 KB per character: a 200,000-character dialogue took
+    250 MB (found by fuzzing, tests/test_fuzz_inputs.py)."""
     text = key.replace("\x1e", "")
     if len(text) <= SHINGLE:
-        return {text.encode("utf-8")}
-    return {text[i:i + SHINGLE].encode("utf-8") for i in range(len(text) - SHINGLE + 1)}
+        yield [text.encode("utf-8")]
+        return
+    count = len(text) - SHINGLE + 1
+    for start in range(0, count, _SHINGLE_BATCH):
+        yield [text[i:i + SHINGLE].encode("utf-8") for i in range(start, min(start + _SHINGLE_BATCH, count))]
 
 
 def _example(turn: Turn | None) -> str:
@@ -309,7 +327,8 @@ class _NearDuplicates:
     def seen(self, key: str) -> bool:
         """Whether ``key`` is a near duplicate of a kept one; if not, it is kept (remembered)."""
         mh = self.empty.copy()
-        mh.update_batch(list(_shingles(key)))
+        for batch in _shingle_batches(key):
+            mh.update_batch(batch)
         values = mh.hashvalues
         for candidate in self.lsh.query(mh):
             if self.np.count_nonzero(self.kept[candidate] == values) / NUM_PERM >= self.threshold:
