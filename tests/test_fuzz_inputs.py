@@ -241,9 +241,41 @@ def _mutate_tree(draw, tree, depth=0):
     return draw(odd_values)
 
 
+SPECIAL_TOKEN_ENTRIES = st.fixed_dictionaries({"id": st.sampled_from(["<|im_start|>", "<zz>", ""]),
+                                               "ids": st.lists(st.sampled_from([0, 1, 399, 2**31, -1]), max_size=2),
+                                               "tokens": st.lists(st.sampled_from(["a", "<zz>"]), max_size=2)})
+# the sections that act at encode time: a file can be valid JSON and load, and then fail (or abort the process)
+# on its first text
+ENCODE_TIME_SECTIONS = {
+    "truncation": st.fixed_dictionaries({"max_length": st.sampled_from([0, 1, 2, 8, 10**12]),
+                                         "stride": st.sampled_from([0, 1, 5, 10**6]),
+                                         "strategy": st.sampled_from(["LongestFirst", "OnlyFirst", "OnlySecond"]),
+                                         "direction": st.sampled_from(["Left", "Right"])}),
+    "padding": st.fixed_dictionaries({"strategy": st.sampled_from(["BatchLongest", {"Fixed": 0}, {"Fixed": 10**12}]),
+                                      "direction": st.sampled_from(["Left", "Right"]),
+                                      "pad_to_multiple_of": st.sampled_from([None, 0, 1, 10**12]),
+                                      "pad_id": st.sampled_from([0, 10**9]), "pad_type_id": st.just(0),
+                                      "pad_token": st.sampled_from(["<|im_end|>", "x"])}),
+    "post_processor": st.fixed_dictionaries({
+        "type": st.just("TemplateProcessing"),
+        "single": st.lists(st.sampled_from([{"SpecialToken": {"id": "<zz>", "type_id": 0}},
+                                            {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                                            {"Sequence": {"id": "A", "type_id": 0}}]), max_size=3),
+        "pair": st.just([]),
+        "special_tokens": st.dictionaries(st.sampled_from(["<zz>", "<|im_start|>"]), SPECIAL_TOKEN_ENTRIES, max_size=2)}),
+    "decoder": st.sampled_from([{"type": "Strip", "content": " ", "start": 10**6, "stop": 10**6},
+                                {"type": "Replace", "pattern": {"String": ""}, "content": "xx"}, None]),
+}
+
+
 @st.composite
 def tokenizer_files(draw, base: dict):
-    kind = draw(st.sampled_from(["tree", "tree", "bytes", "pathological"]))
+    kind = draw(st.sampled_from(["tree", "tree", "bytes", "pathological", "sections"]))
+    if kind == "sections":
+        tree = dict(base)
+        for key in draw(st.lists(st.sampled_from(sorted(ENCODE_TIME_SECTIONS)), min_size=1, max_size=3, unique=True)):
+            tree[key] = draw(ENCODE_TIME_SECTIONS[key])
+        return json.dumps(tree).encode()
     if kind == "tree":
         tree = base
         for _ in range(draw(st.integers(1, 3))):
@@ -287,7 +319,7 @@ def _check_tokenizer_folder(folder) -> None:
         assert bounded(lambda: load_tokenizer(str(folder)), str(folder)) is not None
 
 
-@fuzz(300)
+@fuzz(400)
 @given(data=st.data())
 def test_fuzz_tokenizer_json(workdir, tokenizer_json, data):
     tokenizer = data.draw(tokenizer_files(tokenizer_json))
@@ -822,6 +854,51 @@ def test_tokenizer_config_with_a_number_for_eos_token_is_refused(tmp_path, tiny_
         read_tokenizer(folder)
     with pytest.raises(CheckpointError):
         read_hf_dir(folder)
+
+
+def _tokenizer_with(tmp_path, tiny_tokenizer, **sections) -> str:
+    tree = json.loads(tiny_tokenizer.to_str())
+    tree.update(sections)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tree))
+    return str(tmp_path / "tokenizer.json")
+
+
+def test_tokenizer_whose_truncation_panics_on_encode_loads_with_truncation_off(tmp_path, tiny_tokenizer):
+    """A stride not below max_length made tokenizers panic (pyo3's PanicException, a BaseException that no
+    ``except Exception`` caught) on the first encode; any truncation would also cut a user's message."""
+    from belle_edge.runtime.tokenizer_file import read_tokenizer_file
+
+    path = _tokenizer_with(tmp_path, tiny_tokenizer, truncation={"max_length": 1, "stride": 5, "strategy":
+                                                                 "LongestFirst", "direction": "Right"})
+    text = "一段比一个 token 长得多的话"
+    assert read_tokenizer_file(path).encode(text).ids == tiny_tokenizer.encode(text).ids
+
+
+def test_tokenizer_with_a_fixed_padding_of_a_terabyte_does_not_abort_the_process(tmp_path, tiny_tokenizer):
+    """Padding to a fixed 10**12 made tokenizers' Rust code fail to allocate and abort the whole process (no
+    exception at all): run in a child so that a regression fails this test rather than killing pytest."""
+    import subprocess
+    import sys
+
+    path = _tokenizer_with(tmp_path, tiny_tokenizer, padding={
+        "strategy": {"Fixed": 10**12}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+        "pad_type_id": 0, "pad_token": "<|im_end|>"})
+    code = ("import sys; from belle_edge.runtime.tokenizer_file import read_tokenizer_file as r; "
+            "print(len(r(sys.argv[1]).encode('你好').ids))")
+    done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and int(done.stdout) >= 1, done.stderr[-500:]
+
+
+def test_tokenizer_whose_post_processor_panics_or_erases_text_is_refused(tmp_path, tiny_tokenizer):
+    from belle_edge.runtime.tokenizer_file import read_tokenizer_file
+
+    missing = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<zz>", "type_id": 0}}],
+               "pair": [], "special_tokens": {}}  # names a special token it does not define: Rust panic
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: not a usable tokenizer \(tokenizers failed"):
+        read_tokenizer_file(_tokenizer_with(tmp_path, tiny_tokenizer, post_processor=missing))
+    erases = dict(missing, special_tokens={"<zz>": {"id": "<zz>", "ids": [], "tokens": []}})
+    with pytest.raises(CheckpointError, match="tokenizer.json: not a usable tokenizer .* to no tokens"):
+        read_tokenizer_file(_tokenizer_with(tmp_path, tiny_tokenizer, post_processor=erases))
 
 
 def test_chat_template_list_with_entries_that_are_not_objects_is_refused(tmp_path, tiny_tokenizer):

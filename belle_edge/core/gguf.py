@@ -16,6 +16,7 @@ from ..errors import CheckpointError
 from ..models import family, family_name_for
 from ..paths import cache_dir
 from ..runtime.chat_format import make_chat_format
+from ..runtime.tokenizer_file import usable_tokenizer
 from .checkpoint import Checkpoint, check_vocab, stop_token_ids
 
 GGUF_MAGIC = b"GGUF"
@@ -113,8 +114,9 @@ def _convert(path: str, *, chat_format: str) -> tuple[Checkpoint, dict]:
     fam = family(family_name_for(hf_config.get("model_type"), path))
     config = fam.config_from_hf(hf_config, where=path)
     _check_parameters(path, config, held)
+    tok = usable_tokenizer(lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), path,
+                           backend=lambda t: t.backend_tokenizer)
     try:
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         hf_model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                               output_loading_info=True)
     except Exception as e:

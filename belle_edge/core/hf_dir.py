@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from ..errors import CheckpointError
 from ..models import family, family_name_for
 from ..runtime.chat_format import make_chat_format
+from ..runtime.tokenizer_file import read_tokenizer_file, usable_tokenizer
 from .checkpoint import Checkpoint, check_vocab, stop_token_ids
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's map of tensor -> shard file
@@ -181,18 +182,13 @@ def read_tokenizer(path: str) -> tuple[Tokenizer, dict]:
                                   f"\"content\" or null, got {type(value).__name__} {str(value)[:40]!r}")
     tok_json = os.path.join(path, "tokenizer.json")
     if os.path.isfile(tok_json):
-        try:
-            return Tokenizer.from_file(tok_json), tok_cfg
-        except Exception as e:  # tokenizers raises bare Exception on malformed files
-            raise CheckpointError(f"{tok_json}: not a readable tokenizer ({_first_line(e)})") from None
+        return read_tokenizer_file(tok_json), tok_cfg
     if os.path.isfile(os.path.join(path, "tokenizer.model")):
         # SentencePiece only (original BELLE-LLaMA releases): transformers converts it to a fast tokenizer
         from transformers import AutoTokenizer
 
-        try:
-            return AutoTokenizer.from_pretrained(path).backend_tokenizer, tok_cfg
-        except Exception as e:
-            raise CheckpointError(f"{path}/tokenizer.model: cannot convert ({_first_line(e)})") from None
+        return usable_tokenizer(lambda: AutoTokenizer.from_pretrained(path).backend_tokenizer,
+                                f"{path}/tokenizer.model"), tok_cfg
     raise CheckpointError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
 
 

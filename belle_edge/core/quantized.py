@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..models import ModelConfig
 from ..runtime.chat_format import chat_format_from_dict
+from ..runtime.tokenizer_file import read_tokenizer_file
 from .checkpoint import Checkpoint
 from .folders import staged_folder
 
@@ -153,7 +154,6 @@ def read_quantized(path: str) -> tuple[Checkpoint, dict]:
     ``quantization.json``."""
     from safetensors.numpy import load_file as load_numpy
     from safetensors.torch import load_file as load_torch
-    from tokenizers import Tokenizer
 
     path = os.path.abspath(path)
     where = os.path.join(path, RECORD)
@@ -170,7 +170,7 @@ def read_quantized(path: str) -> tuple[Checkpoint, dict]:
                                           arrays[f"{name}.scales"], arrays[f"{name}.zero_points"],
                                           arrays.get(f"{name}.offsets"), t["source"])
                      for name, t in doc["tensors"].items()}
-        tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        tokenizer = read_tokenizer_file(os.path.join(path, "tokenizer.json"))
         fmt = chat_format_from_dict(doc["chat_format"])
     except CheckpointError:
         raise

@@ -10,12 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-from tokenizers import Tokenizer
-
 from ..errors import BelleEdgeError, InputError
 from ..manifest import Manifest, read_manifest
 from .chat_format import chat_format_from_dict
 from .model import ChatModel
+from .tokenizer_file import read_tokenizer_file
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 
@@ -27,7 +26,7 @@ def load_artifact(folder: str, *, threads: int | None = None, backend: str = "au
         raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     manifest = read_manifest(folder)
     rt = manifest.runtime
-    tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    tokenizer = read_tokenizer_file(os.path.join(folder, "tokenizer.json"))
     factory, pool_factory, name, limit = None, None, "onnxruntime", None
     if backend != "onnxruntime":
         try:
