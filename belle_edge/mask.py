@@ -4,10 +4,17 @@ Every token has an absolute position ``p`` and a turn ``t``. Turn 0 is the syste
 turn k >= 1 is one user message plus the assistant's reply. A query ``(p_q, t_q)`` may attend a key
 ``(p_k, t_k)`` iff::
 
-    p_k <= p_q  and  (t_k == 0  or  p_k < S  or  t_q - t_k <= W)
+    p_k <= p_q  and  (t_k == 0  or  p_k < S  or  0 <= t_q - t_k <= W)
 
-with ``W`` context turns (default 3) and ``S`` sink tokens (default 4). ``W = None`` switches the window off:
-plain causal attention, exactly the original model.
+with ``W`` context turns (default 3) and ``S`` sink tokens (default 4). ``W = None`` switches the window off
+(``t_q - t_k <= W`` always holds): plain causal attention, exactly the original model.
+
+``0 <=``: a query never sees a key of a later turn. In a dialogue the turns only grow along the positions, so
+for every sequence without pinned notes this changes nothing, window on or off. Pinned notes
+(runtime/notes.py) are turn-0 tokens placed mid-dialogue: their keys stay visible to everything after them
+(``t_k == 0``) and are never evicted, and their queries read the system segment, the sinks and earlier notes
+only — not the turns around them, which eviction may already have dropped — so what a session computes for a
+notes block is what one full forward under this rule computes, wherever the block sits.
 
 The functions below use only comparison and boolean operators, so the same code runs on numpy arrays (the
 runtime, which must not import torch) and on torch tensors (the reference attention, the training collator),
@@ -55,10 +62,10 @@ def visible(q_pos, q_turn, k_pos, k_turn, mask: MaskConfig):
     Typical use: ``visible(qp[:, None], qt[:, None], kp[None, :], kt[None, :], mask)`` -> (Q, K) booleans.
     """
     causal = k_pos <= q_pos
-    if mask.window is None:
-        return causal
-    in_window = (k_turn == 0) | (k_pos < mask.sinks) | (q_turn - k_turn <= mask.window)
-    return causal & in_window
+    seen = k_turn <= q_turn  # never a later turn's key: true of every key before a query, but for pinned notes
+    if mask.window is not None:
+        seen = seen & (q_turn - k_turn <= mask.window)
+    return causal & ((k_turn == 0) | (k_pos < mask.sinks) | seen)
 
 
 def retained(k_pos, k_turn, current_turn: int, mask: MaskConfig):

@@ -122,9 +122,10 @@ def test_interactive_chat_commands_and_ctrl_c(tiny_llama_dir, tmp_path):
         send("Thanks!\n")  # the session goes on after the interrupt
         interrupt_reply(2)
         save = tmp_path / "s.npz"
-        send(f"/stats\n/save {save}\n/reset\n/exit\n")
+        send(f"/pin 订单号 JD20240615123\n/unpin 电话\n/stats\n/save {save}\n/reset\n/exit\n")
         out = read_until("[dialogue reset]")
         assert out.count("[interrupted") == 2 and "[turn 2 |" in out  # /stats lists both turns
+        assert "notes: 订单号: JD20240615123 (not in the cache yet" in out  # /pin, and /stats shows it
         assert f"saved to {save}" in out and save.exists()
         assert proc.wait(timeout=60) == 0
     finally:

@@ -100,6 +100,16 @@ def test_chat_completion_matches_the_engine_and_reports_usage(served):
     assert usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_notes_of_a_request_are_pinned_as_the_engine_pins_them(served):
+    url, engine = served
+    messages = user("我的快递到哪了？")
+    notes = {"订单号": "JD20240615123", "电话": "13812345678"}
+    reply = client(url).chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=12,
+                                                extra_body={"notes": notes})
+    assert reply.choices[0].message.content == engine_reply(engine, messages, 12, notes=notes)
+    assert reply.choices[0].message.content != engine_reply(engine, messages, 12)  # the notes were read
+
+
 def test_streamed_reply_equals_the_whole_one(served):
     url, _ = served
     api = client(url)
@@ -283,6 +293,9 @@ BAD_BODIES = [
     ("ends with the assistant", {"messages": [*user("hi"), {"role": "assistant", "content": "yo"}]}, "messages"),
     ("empty message", {"messages": user("   ")}, "messages"),
     ("longer than the context", {"messages": user("订单已经发货了，预计三天内送达。" * 80)}, "messages"),
+    ("notes not an object", {"messages": user("hi"), "notes": ["订单号", "JD1"]}, "notes"),
+    ("a note of two lines", {"messages": user("hi"), "notes": {"地址": "北京\n朝阳"}}, "notes"),
+    ("a note not a string", {"messages": user("hi"), "notes": {"订单号": 123}}, "notes"),
 ]
 
 

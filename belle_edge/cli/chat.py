@@ -46,7 +46,8 @@ def _open_session(args):
     if args.restore:
         return model, model.restore(args.restore), script
     session = model.session(system=args.system, window=None if args.no_window else args.window, sinks=args.sinks,
-                            sampling=sampling, max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens)
+                            sampling=sampling, max_new_tokens=args.max_new_tokens, max_kv_tokens=args.max_kv_tokens,
+                            auto_notes=args.auto_notes)
     return model, session, script
 
 
@@ -129,7 +130,8 @@ def _print_summary(session) -> None:
           f"{session.mask.window if session.mask.enabled else 'off'}")
 
 
-HELP = "commands: /reset  /stats  /save [FILE]  /exit   (Ctrl-C stops a reply, Ctrl-D or /exit quits)"
+HELP = ("commands: /reset  /stats  /pin KEY VALUE  /unpin KEY  /save [FILE]  /exit   (Ctrl-C stops a reply, "
+        "Ctrl-D or /exit quits)")
 
 
 def _interactive(session) -> int:
@@ -164,6 +166,26 @@ def _interactive(session) -> int:
             print(f"\nbelle-edge: error: {e}", file=sys.stderr)
 
 
+def _print_notes(session) -> None:
+    notes = "; ".join(f"{k}: {v}" for k, v in session.notes.items())
+    placed = f"{session.note_tokens} tok in the cache" if session.note_tokens else "not in the cache yet"
+    print(f"    notes: {notes} ({placed}; a change enters with your next message)" if notes else "    notes: none")
+
+
+def _pin_command(session, name: str, arg: str) -> None:
+    key, _, value = arg.partition(" ")
+    try:
+        if name == "/pin":
+            if not value.strip():
+                raise InputError("/pin KEY VALUE: both a key and a value, e.g. /pin 订单号 JD20240615123")
+            session.pin(key, value.strip())
+        else:
+            session.unpin(key)
+        _print_notes(session)
+    except BelleEdgeError as e:
+        print(f"belle-edge: error: {e}", file=sys.stderr)
+
+
 def _command(session, line: str) -> bool:
     """Run a /command; True means quit."""
     name, _, arg = line.partition(" ")
@@ -176,8 +198,12 @@ def _command(session, line: str) -> bool:
         for s in session.stats:
             print(f"    {_stats_line(s)}")
         _print_summary(session)
-        segments = ", ".join(f"{'system' if t == 0 else f'turn {t}'}: {n}" for t, n in session.ledger.turn_counts().items())
+        segments = ", ".join(f"{'system + notes' if t == 0 else f'turn {t}'}: {n}"
+                             for t, n in session.ledger.turn_counts().items())
         print(f"    kv cache by turn: {segments or 'empty'}")
+        _print_notes(session)
+    elif name in ("/pin", "/unpin"):
+        _pin_command(session, name, arg.strip())
     elif name == "/save":
         path = arg.strip() or "session.npz"
         try:

@@ -28,6 +28,9 @@ def add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=3, help="context turns W of the turn window (default 3)")
     p.add_argument("--no-window", action="store_true", help="plain causal attention: the original model")
     p.add_argument("--sinks", type=int, default=4, help="sink tokens S always visible (default 4)")
+    p.add_argument("--auto-notes", action="store_true",
+                   help="pin the order numbers, phone numbers, addresses and e-mails of your messages as notes that "
+                        "outlive the window (/pin KEY VALUE for the rest)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-kv-tokens", type=int, help="KV-cache slots to allocate (default min(positions, 4096))")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

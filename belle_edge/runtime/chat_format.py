@@ -8,6 +8,7 @@ answers four questions:
 * ``first_turn_text(system, message)``  text of turn 1 up to the assistant's reply
 * ``turn_text(message)``       text of a later turn up to the assistant's reply
 * ``reply_end``                text that closes a reply in the conversation record
+* ``note_text(body)``          pinned notes placed mid-dialogue (runtime/notes.py)
 
 plus ``stop_strings`` and ``end_token`` (a special token that closes a reply and so stops generation).
 
@@ -26,6 +27,8 @@ from ..errors import InputError, UnsupportedModelError
 
 _SENTINEL_USER = "\u2063belle-edge-user\u2063"
 _SENTINEL_REPLY = "\u2063belle-edge-reply\u2063"
+_SENTINEL_NOTE = "\u2063belle-edge-note\u2063"
+NOTE_ACKNOWLEDGED = "好的，已记下。"  # the assistant's side of notes written as an exchange ("OK, noted.")
 
 # BELLE's formats (DESIGN.md): v1 is the BLOOM model cards' format, v2 the v2 training code's, with EOS after
 # each reply. BLOOM-based BELLE was never trained on multi-turn data and writes the next "Human:" itself, so
@@ -74,6 +77,10 @@ class BelleFormat:
 
     def first_turn_text(self, system: str | None, message: str) -> str:
         return self.turn_text(message)
+
+    def note_text(self, body: str) -> str:
+        """Pinned notes (runtime/notes.py) mid-dialogue: written as the system prompt is."""
+        return self.system_text(body)
 
     def to_dict(self) -> dict:
         return {"kind": "belle", "variant": self.variant, "eos_token": self.eos_token}
@@ -506,6 +513,23 @@ class TemplateFormat:
         if not first.startswith(head):
             raise UnsupportedModelError("chat template renders the system segment differently per message")
         return first[len(head):]
+
+    def note_text(self, body: str) -> str:
+        """Pinned notes (runtime/notes.py) mid-dialogue: a system message after the last reply where the template
+        renders one there and a user message still follows it as usual (ChatML); otherwise an exchange the
+        assistant acknowledges, which every template that renders turn by turn can write."""
+        hist = self._history(None)
+        before = self._render(hist, False)
+        note = [{"role": "system", "content": _SENTINEL_NOTE}]
+        try:
+            after = self._render(hist + note, False)
+            then = self._render(hist + note + [{"role": "user", "content": _SENTINEL_USER}], True)
+        except UnsupportedModelError:  # e.g. "Conversation roles must alternate user/assistant/user/assistant"
+            after = then = ""
+        block = after[len(before):]
+        if after.startswith(before) and block.count(_SENTINEL_NOTE) == 1 and then == after + self.turn_text(_SENTINEL_USER):
+            return block.replace(_SENTINEL_NOTE, body)
+        return self.turn_text(body) + NOTE_ACKNOWLEDGED + self.reply_end
 
     def to_dict(self) -> dict:
         return {"kind": "template", "template": self.template, "bos_token": self.bos_token,

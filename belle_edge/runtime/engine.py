@@ -32,9 +32,10 @@ from typing import Iterator
 
 from ..errors import EngineClosedError, InputError, QueueFullError
 from ..mask import MaskConfig
+from .notes import MAX_NOTES, check_note
 from .sampler import SamplingConfig
 from .scheduler import Cancelled, SlotView, StepScheduler
-from .session import ChatSession
+from .session import ChatSession, refuse_special_tokens
 
 ROLES = ("system", "user", "assistant")
 
@@ -136,9 +137,10 @@ class Generation:
     iterator: the iterator then leaves the ending to close() ("generator already executing" otherwise,
     printed as an ignored exception, and the turn not settled by it)."""
 
-    def __init__(self, engine: "BatchEngine", system, turns, message, sampling, max_tokens, stop):
+    def __init__(self, engine: "BatchEngine", system, turns, message, sampling, max_tokens, stop, notes=None):
         self._engine = engine
         self._request = (system, turns, message)
+        self._notes = notes  # None: the conversation's notes as the slot holds them; a dict: these
         self._settings = dict(sampling=sampling, max_new_tokens=max_tokens, stop=tuple(stop))
         self.t_submit = time.perf_counter()
         self._slot: _Slot | None = None
@@ -254,6 +256,11 @@ class Generation:
         session.configure(**self._settings)
         for user, reply in turns[held:]:
             session.add_turn(user, reply)
+        if self._notes is not None and self._notes != session.notes:  # placed with this request's turn
+            for key in [k for k in session.notes if k not in self._notes]:
+                session.unpin(key)
+            for key, value in self._notes.items():
+                session.pin(key, value)
         self._fed_history = slot.view.fed - fed  # prefilled to bring the cache to the request's history
         return session
 
@@ -308,17 +315,25 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ public
     def submit(self, messages, *, sampling: SamplingConfig | None = None, max_tokens: int = 256,
-               stop: tuple[str, ...] | list[str] = ()) -> Generation:
+               stop: tuple[str, ...] | list[str] = (), notes: dict[str, str] | None = None) -> Generation:
         """Queue a request: OpenAI-style ``messages`` ending with the user's. Returns at once; the reply
-        comes by iterating the Generation. InputError for a bad request, QueueFullError when too many wait."""
+        comes by iterating the Generation. InputError for a bad request, QueueFullError when too many wait.
+        ``notes``: the conversation's pinned notes (runtime/notes.py) from this turn on — a change enters the
+        cache with this request's turn; None keeps what the conversation's slot holds (none for a new one)."""
         system, turns, message = parse_messages(messages)
+        if notes is not None:
+            if not isinstance(notes, dict) or len(notes) > MAX_NOTES:
+                raise InputError(f"notes: expected an object of at most {MAX_NOTES} key: value strings")
+            for key, value in notes.items():
+                check_note(key, value)
+                refuse_special_tokens(self.model, key + value, "notes")
         if not message.strip():
             raise InputError("message is empty")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise InputError(f"max_tokens: expected a whole number >= 1, got {max_tokens!r}")
         if not all(isinstance(s, str) and s for s in stop):
             raise InputError("stop: expected non-empty strings")
-        gen = Generation(self, system, turns, message, sampling or SamplingConfig(), max_tokens, stop)
+        gen = Generation(self, system, turns, message, sampling or SamplingConfig(), max_tokens, stop, notes)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the server is shutting down")

@@ -47,12 +47,13 @@ class ChatModel:
 
     def session(self, *, system: str | None = None, window: int | None = 3, sinks: int = 4,
                 sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
-                max_kv_tokens: int | None = None, stop: tuple[str, ...] = ()) -> ChatSession:
+                max_kv_tokens: int | None = None, stop: tuple[str, ...] = (), auto_notes: bool = False) -> ChatSession:
         """Open a dialogue. ``window=None`` switches the turn window off (plain causal attention);
-        ``stop`` adds stop strings to the chat format's."""
+        ``stop`` adds stop strings to the chat format's; ``auto_notes`` pins the order numbers, phone numbers,
+        addresses and e-mails of user messages (``ChatSession.pin`` for the rest)."""
         mask = MaskConfig(window=window, sinks=sinks) if window is not None else MaskConfig.off()
         return ChatSession(self, system=system, mask=mask, sampling=sampling, max_new_tokens=max_new_tokens,
-                           max_kv_tokens=max_kv_tokens, stop=stop)
+                           max_kv_tokens=max_kv_tokens, stop=stop, auto_notes=auto_notes)
 
     def restore(self, path: str) -> ChatSession:
         """Reopen a session written by :meth:`ChatSession.save`."""

@@ -13,6 +13,10 @@ One turn, step by step::
 The turn's text comes from runtime/dialogue.py, which the training collator uses too. ``add_turn`` feeds
 an exchange whose reply is known (an earlier conversation, a reference reply) without generating.
 
+Pinned notes (``pin``/``unpin``, runtime/notes.py) are facts that stay visible to every later turn: their
+block carries turn 0, so the mask keeps it and eviction never drops it. A change of the notes is placed at the
+opening of the next turn; the block it replaces is dropped from the cache then.
+
 Consistency: the ledger always says what the cache *should* hold; ``_valid`` says how many of its leading
 slots the backend really holds (never more than its ``n``). A forward call appends to the ledger only after
 it returned; work that rewrites the backend's cache (eviction, a context shift) first drops ``_valid``, so if
@@ -38,6 +42,7 @@ from .decode import Decoding
 from .detokenizer import IncrementalDetokenizer
 from .dialogue import Segment, dialogue_segments, encode, opening_segments
 from .kv_cache import CacheLedger
+from .notes import MAX_NOTE_CHARS, MAX_NOTES, check_note, notes_body, notes_from_message
 from .sampler import Sampler, SamplingConfig
 
 SESSION_FILE_VERSION = 1
@@ -71,13 +76,15 @@ class ChatSession:
     def __init__(self, model, *, system: str | None = None, mask: MaskConfig | None = None,
                  sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
                  max_kv_tokens: int | None = None, stop: tuple[str, ...] = (), prefill_chunk: int = 512,
-                 backend=None):
+                 backend=None, auto_notes: bool = False):
         """``backend``: one made for this session (the batched engine's slot of a shared pool); by default
-        the model's factory makes one."""
+        the model's factory makes one. ``auto_notes``: pin what the rules of runtime/notes.py find in each user
+        message (order numbers, phone numbers, addresses, e-mails)."""
         self.model = model
         self.system = system or None
         self.mask = mask or MaskConfig()
         self.prefill_chunk = prefill_chunk
+        self.auto_notes = bool(auto_notes)
         capacity = max_kv_tokens or (backend.capacity if backend is not None else model.default_capacity)
         if capacity < 2:
             raise InputError(f"max_kv_tokens: expected >= 2, got {capacity}")
@@ -85,7 +92,7 @@ class ChatSession:
         self.ledger = CacheLedger(capacity)
         self._fmt = model.chat_format
         if self.system:
-            _refuse_special_tokens(model, self.system, "system prompt")
+            refuse_special_tokens(model, self.system, "system prompt")
         self.configure(sampling=sampling, max_new_tokens=max_new_tokens, stop=stop)
         self._active = None  # the reply iterator in flight, if any
         self._epoch = 0  # bumped by reset(): a stale reply iterator must not touch the new dialogue
@@ -100,6 +107,9 @@ class ChatSession:
         self._opened = False  # the system segment (turn 0) is in the cache
         self._pending = ""  # close of the last reply (unfed tail + reply_end), prefilled with the next turn
         self._shifts = 0  # context shifts so far
+        self.notes: dict[str, str] = {}  # pinned notes (pin / unpin); placed at the next turn's opening
+        self._notes_placed = ""  # the body of the notes block in the cache ("" none)
+        self._note_span: tuple[int, int] | None = None  # (first position, tokens) of that block
 
     # ---------------------------------------------------------------- public API
     def configure(self, *, sampling: SamplingConfig | None = None, max_new_tokens: int = 256,
@@ -133,6 +143,26 @@ class ChatSession:
     def kv_tokens(self) -> int:
         return self.ledger.n
 
+    @property
+    def note_tokens(self) -> int:
+        """Tokens the notes block holds in the cache."""
+        return self._note_span[1] if self._note_span else 0
+
+    def pin(self, key: str, value: str) -> None:
+        """Keep ``key: value`` visible to every later turn (replacing an earlier note of that key); it enters
+        the cache with the next turn."""
+        check_note(key, value)
+        refuse_special_tokens(self.model, key + value, "note")
+        if key not in self.notes and len(self.notes) >= MAX_NOTES:
+            raise InputError(f"note {key!r}: {MAX_NOTES} notes already pinned; unpin one first")
+        self.notes[key] = value
+
+    def unpin(self, key: str) -> None:
+        """Forget the note ``key``; its tokens leave the cache at the next turn."""
+        if key not in self.notes:
+            raise InputError(f"note {key!r}: not pinned (pinned: {', '.join(self.notes) or 'none'})")
+        del self.notes[key]
+
     def send(self, message: str) -> Reply:
         text = "".join(self.stream(message))
         return Reply(text, self.last_stats)
@@ -144,13 +174,14 @@ class ChatSession:
         self._close_active()  # a reply left half-read ends here, settled, before the next turn is planned
         if not isinstance(message, str) or not message.strip():
             raise InputError("message is empty")
-        _refuse_special_tokens(self.model, message, "message")
+        refuse_special_tokens(self.model, message, "message")
         turn = self.turn + 1
-        close, new = self._tokenize_turn(turn, message)
-        kept = self._kept_after(turn, close)
+        notes = self._notes_for(message)
+        close, new = self._tokenize_turn(turn, message, notes)
+        kept = self._kept_after(turn, close, notes)
         if kept + len(new[0]) + 1 > self._room:
             self._refuse(kept, len(new[0]), self._room)
-        self._active = self._run_turn(t0, turn, message, close, new)
+        self._active = self._run_turn(t0, turn, message, close, new, notes)
         return self._active
 
     # ---------------------------------------------------------------- planning
@@ -158,27 +189,47 @@ class ChatSession:
     def _room(self) -> int:
         return min(self.ledger.capacity, self.model.max_positions)
 
-    def _kept_after(self, turn: int, close) -> int:
-        """Tokens the cache will hold once the new turn is in: everything a query of ``turn`` can still see."""
+    def _notes_for(self, message: str) -> dict[str, str]:
+        """The notes the turn of ``message`` opens with (its automatic ones added); not yet the session's."""
+        found = notes_from_message(message) if self.auto_notes else {}
+        found = {k: v for k, v in found.items() if self.notes.get(k) != v and len(k) + len(v) <= MAX_NOTE_CHARS}
+        return {**self.notes, **found} if found else self.notes
+
+    def _kept_after(self, turn: int, close, notes: dict) -> int:
+        """Tokens the cache will hold once the new turn is in: everything a query of ``turn`` can still see,
+        less the notes block that the turn replaces."""
         start = self.ledger.next_position
         positions = np.concatenate([self.ledger.positions, np.arange(start, start + len(close[0]))])
         turns = np.concatenate([self.ledger.turns, close[1]])
-        return int(retained(positions, turns, turn, self.mask).sum()) if self.mask.enabled else len(positions)
+        kept = retained(positions, turns, turn, self.mask) if self.mask.enabled else np.ones(len(positions), bool)
+        if notes_body(notes) != self._notes_placed:
+            kept &= ~self._in_note_span(positions)
+        return int(kept.sum())
+
+    def _in_note_span(self, positions: np.ndarray) -> np.ndarray:
+        if self._note_span is None:
+            return np.zeros(len(positions), dtype=bool)
+        first, count = self._note_span
+        return (positions >= first) & (positions < first + count)
 
     def _close_active(self) -> None:
         if self._active is not None:
             active, self._active = self._active, None
             active.close()
 
-    def _tokenize_turn(self, turn: int, message: str):
+    def _tokenize_turn(self, turn: int, message: str, notes: dict):
         """Two groups of (ids, turns): what closes the previous turn (or the system segment, on the first
-        turn), and the new turn up to the assistant's reply (runtime/dialogue.py)."""
-        segments = opening_segments(self._fmt, self.system, message, turn, close=self._pending)
+        turn), and the new turn up to the assistant's reply, led by the notes block when the notes changed
+        (runtime/dialogue.py)."""
+        body = notes_body(notes)
+        segments = opening_segments(self._fmt, self.system, message, turn, close=self._pending,
+                                    notes=body if body != self._notes_placed else "")
         if turn == 1 and self._opened:  # an interrupted first turn already fed the system segment
             segments[0] = Segment("", 0, "system")
         specials = not self._opened and self._fmt.add_special_tokens_first
-        return [(ids, np.full(len(ids), seg.turn, dtype=np.int64))
-                for ids, seg in encode(self.model.tokenizer, segments, specials_first=specials)]
+        pieces = [(ids, np.full(len(ids), seg.turn, dtype=np.int64))
+                  for ids, seg in encode(self.model.tokenizer, segments, specials_first=specials)]
+        return pieces[0], tuple(np.concatenate(group) for group in zip(*pieces[1:]))
 
     def _refuse(self, kept: int, new: int, room: int):
         if not self.mask.enabled and kept:
@@ -190,9 +241,9 @@ class ChatSession:
             f"{room} (max_kv_tokens / the model's positions); shorten the message")
 
     # ---------------------------------------------------------------- running
-    def _run_turn(self, t0, turn, message, close, new) -> Iterator[str]:
+    def _run_turn(self, t0, turn, message, close, new, notes) -> Iterator[str]:
         epoch, shifts, t_prefill = self._epoch, self._shifts, time.perf_counter()
-        evicted, logits = self._open_turn(turn, message, close, new)
+        evicted, logits = self._open_turn(turn, message, close, new, notes)
         stats = TurnStats(turn=turn, prompt_tokens=len(close[0]) + len(new[0]), new_tokens=0, ttft_ms=0.0,
                           prefill_tok_s=0.0, decode_tok_s=0.0, kv_tokens=0, evicted_tokens=evicted,
                           context_shift=False, finish_reason="interrupted", total_ms=0.0)
@@ -210,9 +261,10 @@ class ChatSession:
         if decoding.emitted < len(reply):
             yield reply[decoding.emitted:]
 
-    def _open_turn(self, turn, message, close, new) -> tuple[int, np.ndarray]:
-        """Prefill the close of the previous reply and the new turn; the turn is part of the dialogue from
-        here on. Returns (tokens evicted, the logits that start the reply)."""
+    def _open_turn(self, turn, message, close, new, notes) -> tuple[int, np.ndarray]:
+        """Prefill the close of the previous reply, the notes block if the notes changed, and the new turn;
+        the turn is part of the dialogue from here on. Returns (tokens evicted, the logits that start the
+        reply)."""
         # The close of the previous reply belongs to that turn, so it is computed while that turn's window is
         # still in the cache (exactly as a full forward would see it) — when it fits without evicting or
         # shifting; otherwise the old turns go first.
@@ -220,12 +272,22 @@ class ChatSession:
                 and self.ledger.next_position + len(close[0]) + 1 <= self.model.max_positions)
         if fits:
             self._append_close(close)
-        evicted = self._evict(turn)
+        body = notes_body(notes)
+        replaced = body != self._notes_placed
+        evicted = self._evict(turn, drop_notes=replaced)
         if not fits:
             self._append_close(close)
+        at = self.ledger.n
         logits = self._append(*new)
         self.turn = turn
         self.history.append({"user": message, "reply": ""})
+        self.notes = dict(notes)
+        if replaced:
+            count = int((new[1] == 0).sum())  # the block leads the new tokens; a user block is never turn 0
+            self._note_span = (int(self.ledger.positions[at]), count) if count else None
+            self._notes_placed = body
+            if body:
+                self.history[-1]["notes"] = body
         return evicted, logits
 
     def _step(self, token: int, turn: int) -> np.ndarray | None:
@@ -256,12 +318,13 @@ class ChatSession:
         if not isinstance(message, str) or not message.strip():
             raise InputError("message is empty")
         turn = self.turn + 1
-        close, new = self._tokenize_turn(turn, message)
+        notes = self._notes_for(message)
+        close, new = self._tokenize_turn(turn, message, notes)
         ((ids, seg),) = encode(self.model.tokenizer, [Segment(reply, turn, "reply")], specials_first=False)
-        kept = self._kept_after(turn, close)
+        kept = self._kept_after(turn, close, notes)
         if kept + len(new[0]) + len(ids) + 1 > self._room:
             self._refuse(kept, len(new[0]) + len(ids), self._room)
-        self._open_turn(turn, message, close, new)
+        self._open_turn(turn, message, close, new, notes)
         self._append(ids, np.full(len(ids), turn, dtype=np.int64))
         self._pending = self._fmt.reply_end
         self.history[-1]["reply"] = reply
@@ -278,7 +341,8 @@ class ChatSession:
         self._close_active()
         if self._shifts or not self.history:
             return None
-        segments = dialogue_segments(self._fmt, self.system, [(h["user"], h["reply"]) for h in self.history])
+        segments = dialogue_segments(self._fmt, self.system, [(h["user"], h["reply"]) for h in self.history],
+                                     notes={k: h["notes"] for k, h in enumerate(self.history, 1) if "notes" in h})
         pieces = encode(self.model.tokenizer, segments[:-1],  # the last reply's close comes with the next turn
                         specials_first=self._fmt.add_special_tokens_first)
         ids = np.concatenate([p[0] for p in pieces])
@@ -337,10 +401,14 @@ class ChatSession:
             self.backend.forward(ids[a:b], positions[a:b], turns[a:b], mask=self.mask)
             self._valid = b
 
-    def _evict(self, turn: int) -> int:
-        if not self.mask.enabled:
+    def _evict(self, turn: int, *, drop_notes: bool = False) -> int:
+        """Compact the cache to what ``turn`` can still see (and, with ``drop_notes``, without the notes block,
+        which the turn replaces); returns the tokens dropped."""
+        if not self.mask.enabled and not (drop_notes and self._note_span):
             return 0
-        keep = self.ledger.keep_slots(turn, self.mask)
+        keep = self.ledger.keep_slots(turn, self.mask) if self.mask.enabled else np.arange(self.ledger.n)
+        if drop_notes:
+            keep = keep[~self._in_note_span(self.ledger.positions[keep])]
         evicted = self.ledger.n - len(keep)
         if evicted:
             self._sync()  # compact what the backend really holds: the ledger's slots, all of them
@@ -348,6 +416,8 @@ class ChatSession:
             self.backend.keep(keep)
             self.ledger.keep(keep)
             self._valid = self.ledger.n
+        if drop_notes:  # the cache holds no block now, whatever happens to the rest of the turn
+            self._note_span, self._notes_placed = None, ""
         return evicted
 
     def _room_for_one(self) -> bool:
@@ -363,6 +433,9 @@ class ChatSession:
     def _context_shift(self) -> None:
         """Re-prefill the kept tokens at fresh positions 0..n-1 (positions stay absolute, never truncated)."""
         self._valid = 0
+        if self._note_span is not None:  # the block keeps its slots; their positions become the slot numbers
+            first = int(np.searchsorted(self.ledger.positions, self._note_span[0]))
+            self._note_span = (first, self._note_span[1])
         self.ledger.reposition()
         self._shifts += 1
         self._sync()
@@ -391,6 +464,8 @@ class ChatSession:
             "max_new_tokens": self.max_new_tokens, "capacity": self.ledger.capacity, "stop": list(self.stop),
             "turn": self.turn, "opened": self._opened, "history": self.history, "pending": self._pending,
             "sampler_state": self.sampler.state(), "stats": [dataclasses.asdict(s) for s in self.stats],
+            "notes": self.notes, "notes_placed": self._notes_placed,
+            "note_span": list(self._note_span) if self._note_span else None, "auto_notes": self.auto_notes,
         }
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -430,6 +505,10 @@ class ChatSession:
         session._valid = session.ledger.n
         session.turn, session.history, session._pending = meta["turn"], meta["history"], meta["pending"]
         session._opened = meta["opened"]
+        session.notes, session._notes_placed = dict(meta.get("notes", {})), meta.get("notes_placed", "")
+        span = meta.get("note_span")
+        session._note_span = (span[0], span[1]) if span else None
+        session.auto_notes = meta.get("auto_notes", False)
         return session
 
 
@@ -501,9 +580,10 @@ def _check_meta(meta: dict, arrays: dict, model) -> None:
     need(isinstance(stop, list) and all(isinstance(x, str) and x for x in stop), "stop", "a list of non-empty strings",
          stop)
     history = meta.get("history")
-    need(isinstance(history, list) and all(isinstance(h, dict) and set(h) == {"user", "reply"}
+    need(isinstance(history, list) and all(isinstance(h, dict) and {"user", "reply"} <= set(h) <= {"user", "reply", "notes"}
                                            and all(isinstance(v, str) for v in h.values()) for h in history),
-         "history", 'a list of {"user", "reply"} strings', history)
+         "history", 'a list of {"user", "reply"[, "notes"]} strings', history)
+    _check_notes(meta, need, whole)
     need(meta.get("turn") == len(history) and whole(meta.get("turn")), "turn", f"{len(history)} (the turns in history)",
          meta.get("turn"))
     need(isinstance(meta.get("opened"), bool), "opened", "true or false", meta.get("opened"))
@@ -524,11 +604,27 @@ def _check_meta(meta: dict, arrays: dict, model) -> None:
         raise ValueError(f"field ids: token ids outside 0..{vocab - 1}")
     if n and not (positions.min() >= 0 and positions.max() < model.max_positions and (np.diff(positions) > 0).all()):
         raise ValueError(f"field positions: expected increasing positions in 0..{model.max_positions - 1}")
-    if n and not (turns.min() >= 0 and turns.max() <= meta["turn"] and (np.diff(turns) >= 0).all()):
-        raise ValueError(f"field turns: expected non-decreasing turns in 0..{meta['turn']}")
+    talk = turns[turns != 0]  # turn 0 (system, notes) may sit anywhere; the turns of the dialogue are in order
+    if n and not (turns.min() >= 0 and turns.max() <= meta["turn"] and (np.diff(talk) >= 0).all()):
+        raise ValueError(f"field turns: expected turns in 0..{meta['turn']}, non-decreasing apart from 0")
+    span = meta.get("note_span")
+    if span and not ((turns == 0) & (positions >= span[0]) & (positions < span[0] + span[1])).sum() == span[1]:
+        raise ValueError("field note_span: its positions do not hold turn-0 tokens")
 
 
-def _refuse_special_tokens(model, text: str, what: str) -> None:
+def _check_notes(meta: dict, need, whole) -> None:
+    notes = meta.get("notes", {})
+    need(isinstance(notes, dict) and len(notes) <= MAX_NOTES
+         and all(isinstance(k, str) and isinstance(v, str) for k, v in notes.items()), "notes",
+         f"an object of at most {MAX_NOTES} strings", notes)
+    need(isinstance(meta.get("notes_placed", ""), str), "notes_placed", "a string", meta.get("notes_placed"))
+    need(isinstance(meta.get("auto_notes", False), bool), "auto_notes", "true or false", meta.get("auto_notes"))
+    span = meta.get("note_span")
+    need(span is None or (isinstance(span, list) and len(span) == 2 and all(whole(x) and x >= 0 for x in span)),
+         "note_span", "null or [first position, tokens]", span)
+
+
+def refuse_special_tokens(model, text: str, what: str) -> None:
     """A user's text is tokenized with the chat format's own text around it, and the tokenizer turns a
     special token's text into the token wherever it appears: ``<|im_end|><|im_start|>system`` typed into a
     message would end the user's turn and open a system one. Such text is refused, never passed on."""

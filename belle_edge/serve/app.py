@@ -189,7 +189,8 @@ class _Server:
                                  max_prompt_chars=self.max_prompt_chars, model_name=self.model_name)
         try:
             sampling = SamplingConfig(temperature=req.temperature, top_p=req.top_p, seed=req.seed)
-            gen = self.engine.submit(list(req.messages), sampling=sampling, max_tokens=req.max_tokens, stop=req.stop)
+            gen = self.engine.submit(list(req.messages), sampling=sampling, max_tokens=req.max_tokens, stop=req.stop,
+                                     notes=req.notes)
         except BelleEdgeError as e:
             raise _engine_error(e) from None
         waiting, running = self.limiters()

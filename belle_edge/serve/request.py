@@ -21,6 +21,10 @@ max_tokens              whole number in [1, max_tokens_limit]  max_tokens_limit
 stop                    a string or a list of at most 4        none
 seed                    whole number                           none
 n                       1                                      1
+notes                   {key: value} strings, at most 16:      the conversation's as the server holds them
+                        the pinned notes (belle_edge's own     (none for a new one); a change enters with
+                        field; ``extra_body`` in openai's      this request's turn
+                        client)
 ======================  =====================================  ===========================================
 
 No field names a file: ``model`` is only compared with the served model's name (the answer names ours,
@@ -69,6 +73,7 @@ class ChatRequest:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    notes: dict | None = None
 
 
 def parse_chat_request(raw: bytes, *, max_tokens_limit: int, max_messages: int, max_prompt_chars: int = 100_000,
@@ -102,7 +107,8 @@ def parse_chat_request(raw: bytes, *, max_tokens_limit: int, max_messages: int, 
     seed = _integer(body, "seed", None, low=-MAX_SEED, high=MAX_SEED)
     return ChatRequest(messages=messages, stream=stream, include_usage=include_usage, temperature=temperature,
                        top_p=top_p, max_tokens=max_tokens, stop=_stop(body.get("stop")),
-                       seed=None if seed is None else seed % 2**63)  # numpy seeds are >= 0
+                       seed=None if seed is None else seed % 2**63,  # numpy seeds are >= 0
+                       notes=_notes(body.get("notes")))
 
 
 def _kind(value) -> str:
@@ -237,6 +243,22 @@ def _max_tokens(body: dict, limit: int) -> int:
     if value > limit:
         raise bad_request(f"{name}: at most {limit} tokens per reply on this server, got {value}", name)
     return value
+
+
+def _notes(notes) -> dict | None:
+    from ..runtime.notes import MAX_NOTES, check_note
+
+    if notes is None:
+        return None
+    if not isinstance(notes, dict) or len(notes) > MAX_NOTES:
+        raise bad_request(f"notes: expected an object of at most {MAX_NOTES} key: value strings, got {_kind(notes)}",
+                          "notes")
+    for key, value in notes.items():
+        try:
+            check_note(key, value)
+        except BelleEdgeError as e:
+            raise bad_request(f"notes: {e}", "notes") from None
+    return dict(notes)
 
 
 def _stop(stop) -> tuple[str, ...]:

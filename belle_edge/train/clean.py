@@ -94,6 +94,7 @@ from typing import Callable
 from ..core.dialogues import Dialogue, Turn, read_dialogues, write_dialogues
 from ..core.folders import write_text_atomic
 from ..errors import InputError, MissingDependencyError
+from ..text_patterns import EMAIL, PHONE, RESIDENT_ID, valid_resident_id
 
 RULES = ("normalize", "whitespace", "pii_masked", "one_sided_turns", "too_short", "empty_dialogues", "too_long",
          "language", "exact_duplicates", "near_duplicates")
@@ -194,22 +195,6 @@ def clean_whitespace(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ PII
-_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}(?![A-Za-z0-9-])")
-_RESIDENT_ID = re.compile(r"(?<!\d)\d{6}(?:18|19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?!\d)")
-_PHONE = re.compile(r"(?<!\d)(?:\+86[- ]?|0086[- ]?|86-)?1[3-9]\d(?:[- ]?\d{4}){2}(?!\d)")
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-
-
-def valid_resident_id(number: str) -> bool:
-    """Whether an 18-character resident ID number has the right GB 11643 check digit."""
-    if len(number) != 18 or not number[:17].isdigit():
-        return False
-    total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS))
-    return _ID_CHECK[total % 11] == number[17].upper()
-
-
 def mask_pii(text: str, counts: dict[str, int]) -> str:
     """``text`` with e-mails, resident IDs and mobile numbers masked; ``counts[kind]`` grows per item masked."""
     def sub(pattern: re.Pattern, kind: str, placeholder: str, check: Callable[[str], bool] | None = None):
@@ -221,9 +206,9 @@ def mask_pii(text: str, counts: dict[str, int]) -> str:
         return pattern.sub(replace, text)
 
     if "@" in text:
-        text = sub(_EMAIL, "email", "<EMAIL>")
-    text = sub(_RESIDENT_ID, "id", "<ID>", valid_resident_id)
-    return sub(_PHONE, "phone", "<PHONE>")
+        text = sub(EMAIL, "email", "<EMAIL>")
+    text = sub(RESIDENT_ID, "id", "<ID>", valid_resident_id)
+    return sub(PHONE, "phone", "<PHONE>")
 
 
 # ------------------------------------------------------------------------------------------------ language

@@ -4,7 +4,7 @@
 // (belle_edge/ops, through ctypes) and any C++ app. The mask is the one definition of belle_edge/mask.py,
 // evaluated per (query, key) from per-token position/turn tables, never from a materialised [Q, K] mask:
 //
-//     key visible to query  iff  p_k <= p_q  and  (t_k == 0  or  p_k < sinks  or  t_q - t_k <= window)
+//     key visible to query  iff  p_k <= p_q  and  (t_k == 0  or  p_k < sinks  or  0 <= t_q - t_k <= window)
 //
 // window = 2^62 means "off" (plain causal attention), as WINDOW_OFF in mask.py.
 //

@@ -17,7 +17,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // the reference attention that calls mask.visible, over random turn layouts and window/sink settings.
 __device__ __forceinline__ bool visible(int64_t q_pos, int64_t q_turn, int64_t k_pos, int64_t k_turn,
                                         int64_t window, int64_t sinks) {
-  return k_pos <= q_pos && (k_turn == 0 || k_pos < sinks || q_turn - k_turn <= window);
+  return k_pos <= q_pos && (k_turn == 0 || k_pos < sinks || (k_turn <= q_turn && q_turn - k_turn <= window));
 }
 
 template <typename T> struct Dtype;
