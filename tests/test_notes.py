@@ -13,7 +13,7 @@ from belle_edge.mask import MaskConfig, visible
 from belle_edge.runtime.chat_format import NOTE_ACKNOWLEDGED, BelleFormat, TemplateFormat
 from belle_edge.runtime.dialogue import dialogue_segments
 from belle_edge.runtime.notes import notes_body, notes_from_message
-from conftest import CHATML
+from conftest import CHATML, make_tiny_qwen2
 from test_session import MESSAGES, Recording, assert_cache_equals_full_forward, recorded
 
 LLAMA2 = ("{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -272,3 +272,118 @@ def test_the_engine_takes_notes_per_conversation_as_a_session_does(request, whic
             session.add_turn(user, earlier)
         _repin(session, asks[i][1])
         assert session.send(message).text == reply, f"turn {i + 1}"
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_the_collator_places_notes_as_a_session_with_automatic_notes_does(model):
+    """Same tokens, same turn ids, same positions; and the session's logits equal one forward of the training
+    row under Row.allowed (the mask, each dialogue alone, a replaced block hidden after its replacement)."""
+    from belle_edge.core.dialogues import Dialogue, Turn
+    from belle_edge.core.rows import encode_dialogue, pack
+    from belle_edge.runtime.notes import automatic_notes_by_turn
+
+    turns = [("你好", "您好"), ("我的订单号是JD20240615123", "好的"), ("发货了吗", "今天发"),
+             ("单号写错了，正确的单号是SF9876543210", "已更正"), ("电话13812345678", "记下了"), ("谢谢", "不客气")]
+    dialogue = Dialogue(tuple(Turn(u, r) for u, r in turns), system="你是客服。")
+    notes = automatic_notes_by_turn([u for u, _ in turns])
+    assert sorted(notes) == [2, 4, 5]
+    s = model.session(system="你是客服。", window=1, sinks=2, auto_notes=True)
+    rec = recorded(s)
+    for user, reply in turns:
+        s.add_turn(user, reply)
+    s.add_turn("再见", "再见")  # the close of the last reply goes in with the next turn, as in the record
+    example = encode_dialogue(dialogue, model.tokenizer, model.chat_format, notes=notes)
+    fed = [rec.tokens[p] for p in sorted(rec.tokens)][:len(example.ids)]
+    assert [i for i, _ in fed] == example.ids.tolist() and [t for _, t in fed] == example.turns.tolist()
+    assert [h.get("notes") for h in s.history[:6]] == [notes.get(k) for k in range(1, 7)]
+    (row,), _ = pack([encode_dialogue(Dialogue(dialogue.turns[:5] + (Turn("谢谢", ""),), system="你是客服。"),
+                                      model.tokenizer, model.chat_format, notes=notes, prompt_for=6)], 4096)
+    s2 = model.session(system="你是客服。", window=1, sinks=2, auto_notes=True, max_new_tokens=2)
+    s2.backend = rec2 = EveryForward(s2.backend)
+    for user, reply in turns[:5]:
+        s2.add_turn(user, reply)
+    s2.send("谢谢")  # the prompt of turn 6 is prefilled: its last logits start the reply
+    end = len(row.ids) - 1
+    assert rec2.tokens[end][0] == row.ids[end]
+    with torch.no_grad():
+        full = rec2.inner.decoder(torch.from_numpy(row.ids)[None], row.positions, row.turns, s.mask,
+                                  allowed=torch.from_numpy(row.allowed(s.mask)))[0, end].numpy()
+    np.testing.assert_allclose(rec2.by_last[end], full, atol=2e-4)
+
+
+class EveryForward(Recording):
+    """Keeps the logits of every forward call, by the position of its last token."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.by_last = {}
+
+    def forward(self, ids, positions, turns, **kw):
+        out = super().forward(ids, positions, turns, **kw)
+        self.by_last[int(positions[-1])] = out
+        return out
+
+
+def test_training_configs_take_automatic_notes_or_none():
+    from belle_edge.core.dialogues import Dialogue, Turn
+    from belle_edge.core.rows import training_notes
+    from belle_edge.train.trainer import TrainConfig
+
+    d = Dialogue((Turn("我的电话是13812345678", "好的"),))
+    assert training_notes(d, TrainConfig.load(None, {"notes": "rules"})) == {1: notes_body({"电话": "13812345678"})}
+    assert training_notes(d, TrainConfig.load(None)) is None
+    with pytest.raises(InputError, match="field notes"):
+        TrainConfig.load(None, {"notes": "all"})
+
+
+# ---------------------------------------------------------------------------------------------- the memory probes
+def test_the_probe_set_has_200_probes_chinese_first_every_fact_kind_and_the_facts_in_the_statements():
+    from belle_edge.evaluate.memory import read_probes
+
+    dialogues = read_probes()
+    probes = sum(len(d["asks"]) for d in dialogues)
+    zh = sum(len(d["asks"]) for d in dialogues if d["lang"] == "zh")
+    assert probes >= 200 and zh > probes / 2 and {len(d["asks"]) for d in dialogues} == {10}
+    assert {d["kind"] for d in dialogues} == {"order", "phone", "address", "name", "product", "size", "date"}
+    for d in dialogues:
+        assert d["fact"] in d["turns"][d["fact_turn"] - 1]["user"]
+        later = d["turns"][d["fact_turn"]:]
+        assert not any(d["fact"] in t["user"] + t["reply"] for t in later), d["id"]  # asked, never restated
+
+
+def test_scoring_normalises_width_case_spaces_and_dashes():
+    from belle_edge.evaluate.memory import contains_fact
+
+    assert contains_fact("您的电话是１３８-1234 5678。", "13812345678")
+    assert contains_fact("order jd2024", "JD2024") and not contains_fact("订单JD2023", "JD2024")
+
+
+def test_memory_eval_runs_every_setting_and_notes_keep_what_the_window_drops(tiny_tokenizer, tmp_path):
+    """The tiny model cannot recall anything; what is checked is the bookkeeping: every probe scored under every
+    setting, the window holding less than the mask off, the notes' tokens counted, the plot written."""
+    from belle_edge import load
+    from belle_edge.evaluate.memory import format_table, parse_setting, plot, read_probes, run_memory
+
+    dialogues = [d for d in read_probes() if d["kind"] in ("order", "phone")][:2]
+    settings = [parse_setting(s) for s in ("off", "W1", "W1+rules", "W1+app")]
+    make_tiny_qwen2(str(tmp_path / "qwen2"), tiny_tokenizer, max_positions=2048)  # byte-level Chinese is long
+    result = run_memory(load(str(tmp_path / "qwen2")), settings, dialogues, max_new_tokens=4, progress=False)
+    summary = result["summary"]
+    assert result["probes"] == 20 and len(result["rows"]) == 80
+    assert summary["W1"]["kv_tokens_mean"] < summary["off"]["kv_tokens_mean"]
+    assert summary["W1"]["note_tokens_mean"] == 0 < summary["W1+rules"]["note_tokens_mean"]
+    assert summary["W1+app"]["note_tokens_mean"] > 0
+    assert set(summary["off"]["accuracy_by_distance"]) == set(range(1, 11))
+    assert "| W1+rules |" in format_table(result)
+    plot(result, str(tmp_path / "memory.png"))
+    assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_eval_memory_refuses_a_bad_probe_file_or_setting_in_one_line(tmp_path):
+    from test_cli import assert_one_line_error, run
+
+    bad = tmp_path / "probes.jsonl"
+    bad.write_text('{"id": "x", "lang": "zh", "kind": "order", "fact": "A1", "fact_turn": 5, "turns": [], "asks": ["?"]}\n')
+    assert_one_line_error(run("eval", "--memory", "--probes", str(bad)), "probes.jsonl:1: fact_turn 5")
+    assert_one_line_error(run("eval", "--memory", "--settings", "W3+magic"), "memory setting 'W3+magic'")
+    assert_one_line_error(run("eval"), "--data FILE")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..errors import InputError
+from ..evaluate.memory import DEFAULT_SETTINGS as MEMORY_SETTINGS
 from .common import info
 
 
@@ -40,16 +42,55 @@ def register(sub) -> None:
                                                      "calibration text)")
     add_train_args(dist, "distill.json")
 
-    ev = sub.add_parser("eval", help="reply quality on held-out dialogues: BLEU-4, ROUGE-L, perplexity")
-    ev.add_argument("model", nargs="?", help="checkpoint (default: qwen2.5-0.5b)")
-    ev.add_argument("--data", required=True, help="held-out BELLE dialogues (JSON lines)")
+    ev = sub.add_parser("eval", help="reply quality on held-out dialogues: BLEU-4, ROUGE-L, perplexity; with "
+                                     "--memory, what the turn window forgets and pinned notes keep")
+    ev.add_argument("model", nargs="?", help="checkpoint, or with --memory any model belle-edge loads "
+                                             "(default: qwen2.5-0.5b)")
+    ev.add_argument("--data", help="held-out BELLE dialogues (JSON lines); required without --memory")
+    ev.add_argument("--memory", action="store_true",
+                    help="the dialogue-memory probes: a fact stated, asked for d = 1..10 turns later, per setting")
+    ev.add_argument("--settings", default=",".join(MEMORY_SETTINGS),
+                    help="with --memory: comma-separated settings: off, W<n>, W<n>+rules, W<n>+app "
+                         f"(default {','.join(MEMORY_SETTINGS)})")
+    ev.add_argument("--probes", help="with --memory: your own probe set (JSON lines, as belle_edge/data/"
+                                     "memory_probes.jsonl)")
+    ev.add_argument("--plot", help="with --memory: write the accuracy-by-distance plot here (PNG)")
     ev.add_argument("--teacher", help="also the fidelity figures against this model")
-    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--max-new-tokens", type=int, help="per reply (default 64; 32 with --memory, plenty to say a "
+                                                       "fact back)")
     ev.add_argument("--limit", type=int, help="first N dialogues only")
     ev.add_argument("--window", type=int, default=3, help="turn window W (default 3; the runtime's)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(handler=run_eval_command)
+
+
+def _run_memory(args) -> int:
+    from ..api import load
+    from ..default_model import DEFAULT
+    from ..evaluate.memory import format_table, goal, parse_setting, plot, read_probes, run_memory
+
+    settings = [parse_setting(s) for s in args.settings.split(",") if s.strip()]
+    if not settings:
+        raise InputError("--settings: name at least one setting, e.g. off,W3,W3+rules")
+    dialogues = read_probes(args.probes)[:args.limit]  # a bad probe file fails before the slow load
+    if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
+        raise InputError(f"--plot {args.plot}: its folder does not exist")
+    model = load(args.model or DEFAULT)
+    result = run_memory(model, settings, dialogues, max_new_tokens=args.max_new_tokens,
+                        progress=not args.no_progress)
+    result["goal"] = goal(result["summary"])
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=1, ensure_ascii=False))
+        return 0
+    print(f"{result['model']} ({result['backend']}): {result['probes']} probes in {result['dialogues']} dialogues")
+    print(format_table(result))
+    for g in result["goal"]:
+        print(f"goal {g['setting']}: far accuracy {g['far_accuracy_vs_off']:.0%} of the window off's (>= 90%), "
+              f"KV {g['kv_vs_window']:.0%} of W=3's (<= 110%): {'met' if g['met'] else 'not met'}")
+    return 0
 
 
 def add_train_args(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -132,8 +173,14 @@ def run_eval_command(args) -> int:
     from ..evaluate.generation import format_metrics
     from ..evaluate.replies import run_eval
 
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32 if args.memory else 64
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    if args.memory:
+        return _run_memory(args)
+    if args.data is None:
+        raise InputError("eval: --data FILE (held-out dialogues), or --memory for the dialogue-memory probes")
     result = run_eval(args.model, args.data, teacher=args.teacher, max_new_tokens=args.max_new_tokens,
                       limit=args.limit, window=args.window, progress=not args.no_progress)
     if args.json:

@@ -45,6 +45,25 @@ def notes_body(notes: dict[str, str]) -> str:
     return HEADER + "：\n" + "\n".join(f"{k}：{v}" for k, v in notes.items())
 
 
+def with_found(notes: dict[str, str], message: str) -> dict[str, str]:
+    """``notes`` with what the rules find in ``message`` added (or replacing a key's value): the notes a turn of
+    a session with automatic notes opens with. ``notes`` itself when nothing new is found."""
+    found = {k: v for k, v in notes_from_message(message).items()
+             if notes.get(k) != v and len(k) + len(v) <= MAX_NOTE_CHARS}
+    return {**notes, **found} if found else notes
+
+
+def automatic_notes_by_turn(messages) -> dict[int, str]:
+    """turn -> the notes body a session with automatic notes places at that turn's opening, for a dialogue of
+    user ``messages`` (turn 1 first): what the training collator places to train as the runtime runs."""
+    placed, notes, out = "", {}, {}
+    for turn, message in enumerate(messages, start=1):
+        notes = with_found(notes, message)
+        if notes_body(notes) != placed:
+            placed = out[turn] = notes_body(notes)
+    return out
+
+
 def notes_from_message(message: str) -> dict[str, str]:
     """Automatic notes: what the rules find in a user's message (the last match of each kind)."""
     found = {}

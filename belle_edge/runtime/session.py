@@ -42,7 +42,7 @@ from .decode import Decoding
 from .detokenizer import IncrementalDetokenizer
 from .dialogue import Segment, dialogue_segments, encode, opening_segments
 from .kv_cache import CacheLedger
-from .notes import MAX_NOTE_CHARS, MAX_NOTES, check_note, notes_body, notes_from_message
+from .notes import MAX_NOTES, check_note, notes_body, with_found
 from .sampler import Sampler, SamplingConfig
 
 SESSION_FILE_VERSION = 1
@@ -191,9 +191,7 @@ class ChatSession:
 
     def _notes_for(self, message: str) -> dict[str, str]:
         """The notes the turn of ``message`` opens with (its automatic ones added); not yet the session's."""
-        found = notes_from_message(message) if self.auto_notes else {}
-        found = {k: v for k, v in found.items() if self.notes.get(k) != v and len(k) + len(v) <= MAX_NOTE_CHARS}
-        return {**self.notes, **found} if found else self.notes
+        return with_found(self.notes, message) if self.auto_notes else self.notes
 
     def _kept_after(self, turn: int, close, notes: dict) -> int:
         """Tokens the cache will hold once the new turn is in: everything a query of ``turn`` can still see,

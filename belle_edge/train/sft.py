@@ -16,7 +16,7 @@ import numpy as np
 from ..default_model import DEFAULT
 from ..errors import InputError
 from ..mask import MaskConfig
-from ..core.rows import ReplyLoss, encode_dialogue, pack
+from ..core.rows import ReplyLoss, encode_dialogue, pack, training_notes
 from ..core.folders import write_text_atomic
 from .trainer import TrainConfig, sample_rows, seed_everything, train
 
@@ -74,7 +74,8 @@ def run_sft(model_path: str | None, data_path: str, out: str, config: TrainConfi
     train_set, held = split(dialogues, config.held_out, config.seed)
     if not train_set:
         raise InputError(f"{data_path}: no dialogues left to train on after holding out {config.held_out:.0%}")
-    examples = [encode_dialogue(d, ckpt.tokenizer, ckpt.chat_format) for d in train_set]
+    examples = [encode_dialogue(d, ckpt.tokenizer, ckpt.chat_format, notes=training_notes(d, config))
+                for d in train_set]
     rows, too_long = pack(examples, config.max_len)
     rows = sample_rows(rows, config)
     os.makedirs(out, exist_ok=True)

@@ -46,6 +46,7 @@ class TrainConfig:
     temperature: float = 1.0      # distillation: softmax temperature of the KL term
     lm_weight: float = 0.0        # distillation: weight of the language-model loss added to the KL
     max_rows: int = 0             # train on at most this many packed rows (a seeded sample; 0 = all)
+    notes: str = "none"           # "rules": place the automatic pinned notes a session would (runtime/notes.py)
 
     @classmethod
     def load(cls, path: str | None, overrides: dict | None = None) -> "TrainConfig":
@@ -70,6 +71,8 @@ class TrainConfig:
         return cfg
 
     def check(self, where: str) -> None:
+        if self.notes not in ("none", "rules"):
+            raise InputError(f"{where}: field notes: expected \"none\" or \"rules\", got {self.notes!r}")
         for name in ("learning_rate", "epochs", "temperature", "max_grad_norm"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
