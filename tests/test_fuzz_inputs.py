@@ -472,13 +472,13 @@ def _exercise_format(fmt, system, turns) -> None:
     from belle_edge.runtime.dialogue import dialogue_segments
 
     bounded(lambda: (fmt.reply_end, fmt.end_token, fmt.system_text(system), fmt.turn_text(turns[0][0]),
-                     fmt.first_turn_text(system, turns[0][0])))
-    bounded(lambda: dialogue_segments(fmt, system, turns))
+                     fmt.first_turn_text(system, turns[0][0]), fmt.note_text(turns[0][1] or "note")))
+    bounded(lambda: dialogue_segments(fmt, system, turns, notes={1: "note"}))
     again = bounded(lambda: chat_format_from_dict(json.loads(json.dumps(fmt.to_dict()))))
     assert again == fmt
 
 
-@fuzz(400)
+@fuzz(400, deadline=4.0)  # a template at the size bound compiles in ~0.3 s, ~5x that under tracemalloc
 @given(template=templates(), choice=st.sampled_from(["auto", "template", "belle", "belle-v2", "other"]),
        bos=st.one_of(st.none(), st.sampled_from(["<s>", "<|im_start|>"]), odd_values),
        eos=st.one_of(st.none(), st.sampled_from(["</s>", "<|im_end|>"]), odd_values),
@@ -1168,3 +1168,13 @@ def test_dialogue_script_with_a_bom_keeps_its_first_comment_a_comment(tmp_path):
     path = tmp_path / "script.txt"
     path.write_bytes("\ufeff# 脚本\n你好！\n\ufeff# joined with cat\n请问有货吗？\n".encode())
     assert _read_script(str(path)) == ["你好！", "请问有货吗？"]  # "\ufeff# 脚本" was a message
+
+
+def test_a_chat_template_over_50000_characters_is_refused_before_it_compiles():
+    """Fuzzing at 10x the CI count found 100,000 characters of repeated loops (under the old bound) taking
+    seconds to compile; the bound is now 50,000, over three times the largest published template."""
+    from belle_edge.runtime.chat_format import TemplateFormat
+
+    loop = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    with pytest.raises(UnsupportedModelError, match=r"chat template: \d+ characters, more than 50000"):
+        TemplateFormat(loop * (50_000 // len(loop) + 1))

@@ -93,7 +93,8 @@ class BelleFormat:
 # bounds: every operation a render performs that can repeat or grow (a call, an attribute or item read, an
 # operator, a filter, a loop step, a piece of output) costs a step, every string or list it makes counts its size,
 # and arguments that would build something large in one step (widths, repeat counts) are checked before.
-MAX_TEMPLATE_CHARS = 100_000  # the largest published chat templates are ~15,000 characters
+MAX_TEMPLATE_CHARS = 50_000  # the largest published chat templates are ~15,000 characters; jinja compiles one
+# of this size in ~0.3 s (fuzzing found 100,000 characters of repeated loops taking seconds)
 MAX_TEMPLATE_STEPS = 30_000  # per render (+ 100 per message + 4 per input character: some templates iterate
 # over a message's characters); 97 published templates take 25..70 for a 4-message conversation; ~0.1 s
 _CALL_STEPS = 4  # a call (a macro's above all) costs several times a loop step or an attribute read

@@ -23,7 +23,6 @@ from ..text_patterns import ADDRESS, ADDRESS_LEAD, EMAIL, ORDER_NUMBER, PHONE
 
 MAX_NOTES = 16
 MAX_NOTE_CHARS = 200  # per key + value: notes are facts, not documents (they stay in the cache for good)
-HEADER = "已记录的信息"  # "what has been recorded": the default model reads Chinese first
 # the rules of automatic notes: key -> (pattern, group holding the value)
 RULES = {"订单号": (ORDER_NUMBER, "value"), "电话": (PHONE, 0), "地址": (ADDRESS, "value"), "邮箱": (EMAIL, 0)}
 
@@ -39,10 +38,9 @@ def check_note(key, value) -> None:
 
 
 def notes_body(notes: dict[str, str]) -> str:
-    """The text of the notes, one ``key：value`` per line under a header ("" when there are none)."""
-    if not notes:
-        return ""
-    return HEADER + "：\n" + "\n".join(f"{k}：{v}" for k, v in notes.items())
+    """The text of the notes, one ``key：value`` per line ("" when there are none). No header: the keys say what
+    each fact is, and every token of the block stays in the cache for good."""
+    return "\n".join(f"{k}：{v}" for k, v in notes.items())
 
 
 def with_found(notes: dict[str, str], message: str) -> dict[str, str]:
