@@ -21,13 +21,11 @@ tests/test_fuzz_inputs.py``. Each bug the fuzzing found has a plain regression t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import math
 import os
 import tracemalloc
-import zipfile
 from datetime import timedelta
 
 import numpy as np
@@ -566,6 +564,7 @@ def test_fuzz_session_truncated_at_every_offset(chat_model, saved_session, workd
         range(max(0, len(data) - 4096), len(data)))
     offsets |= {o for h in headers for o in range(h, min(h + 256, len(data)))}
     path = workdir / "truncated.npz"
+    print(f"session file: {len(offsets)} cuts of {len(data)} bytes")  # the cases tried, for a long run's record
     for offset in sorted(offsets):
         path.write_bytes(data[:offset])
         assert bounded(lambda: chat_model.restore(str(path)), str(path), raises=SessionFileError) is None, offset

@@ -294,7 +294,9 @@ def test_fuzz_safetensors_truncated_at_every_offset(bounds, llama_dir, st_case):
     """Cut at every offset of the header and every 64th of the data: every cut must be refused."""
     data = (llama_dir / "model.safetensors").read_bytes()
     target = st_case / "model.safetensors"
-    for cut in _sweep(len(data), dense=8 + struct.unpack("<Q", data[:8])[0]):
+    cuts = _sweep(len(data), dense=8 + struct.unpack("<Q", data[:8])[0])
+    print(f"safetensors: {len(cuts)} cuts of {len(data)} bytes")  # the cases tried, for a long run's record
+    for cut in cuts:
         target.write_bytes(data[:cut])
         assert isinstance(_load(bounds, st_case), CheckpointError), f"cut at {cut} of {len(data)} loaded"
 
@@ -544,6 +546,7 @@ def test_fuzz_pickle_weights_truncated_at_every_offset(bounds, bin_case):
 
     folder, data = bin_case
     step = max(1, 16 // SCALE)  # a zip of 3 tensors: its directory sits at the end, so every cut breaks it
+    print(f"pickle weights: {len(range(0, len(data), step))} cuts of {len(data)} bytes")
     for cut in range(0, len(data), step):
         (folder / "pytorch_model.bin").write_bytes(data[:cut])
         result = run_case(bounds, _read_weights, str(folder), allow_pickle=True, names="pytorch_model.bin")
@@ -616,7 +619,9 @@ def test_fuzz_gguf_truncated_at_every_offset(bounds, work, gguf_file):
     reader = GGUFReader(str(gguf_file))
     data_end = max(t.data_offset + t.n_bytes for t in reader.tensors)
     target = work / "cut.gguf"
-    for cut in _sweep(len(data), dense=reader.data_offset):
+    cuts = _sweep(len(data), dense=reader.data_offset)
+    print(f"gguf: {len(cuts)} cuts of {len(data)} bytes")
+    for cut in cuts:
         target.write_bytes(data[:cut])
         result = _gguf_read(bounds, target)
         assert isinstance(result, CheckpointError) or cut >= data_end, f"cut at {cut} of {len(data)} loaded"

@@ -1,6 +1,7 @@
 """The CUDA kernels against the reference attention, and the torch backend's fused path against the reference.
 
-Random dialogue layouts (turn lengths, evicted turns, prefill chunks that span several turns, decode),
+Random dialogue layouts (turn lengths, evicted turns, prefill chunks that span several turns, decode, a
+block of pinned notes: turn-0 tokens mid-dialogue, whose queries must not see the later turns before them),
 window/sink settings, head dims 64/128, GQA ratios 1-8, RoPE and ALiBi, fp16 and bf16. The reference
 (``belle_edge.ops.attention.reference_attention``) computes fp32 scores over the same rounded inputs and
 asks ``belle_edge.mask.visible``. Tolerance |out - ref| <= atol + rtol * |ref|: fp16 3e-3 + 4e-3 |ref|,
@@ -27,12 +28,16 @@ def _kernels():
         pytest.fail(f"CUDA is here but the kernels are not: {why}")
 
 
-def dialogue_layout(rng, mask: MaskConfig, *, decode: bool, evict: bool):
+def dialogue_layout(rng, mask: MaskConfig, *, decode: bool, evict: bool, notes: bool = False):
     """(key positions, key turns, number of new tokens): a dialogue's cache after eviction, then new tokens
-    (one for decode; for prefill the rest of the current turn, sometimes several whole turns)."""
+    (one for decode; for prefill the rest of the current turn, sometimes several whole turns). ``notes``: a
+    block of turn-0 tokens placed at the start of a later turn, as ChatSession places pinned notes."""
     lengths = [int(rng.integers(0, 20))] + [int(rng.integers(1, 160)) for _ in range(int(rng.integers(1, 9)))]
-    pos = np.arange(sum(lengths))
     turn = np.repeat(np.arange(len(lengths)), lengths)
+    if notes and len(lengths) > 2:
+        at = int(np.flatnonzero(turn == int(rng.integers(2, len(lengths))))[0])
+        turn = np.concatenate([turn[:at], np.zeros(int(rng.integers(4, 40)), turn.dtype), turn[at:]])
+    pos = np.arange(len(turn))
     if decode:
         new = 1
     else:
@@ -60,12 +65,12 @@ def _case(seed):
     return rng, d, dtype, group, hkv, mask
 
 
-def _run(seed, *, decode, evict, batch=1):
+def _run(seed, *, decode, evict, batch=1, notes=False):
     from belle_edge.ops.attention import dynamic_mask_attention, reference_attention
 
     rng, d, dtype, group, hkv, mask = _case(seed)
     rope, alibi = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
-    kpos, kturn, t = dialogue_layout(rng, mask, decode=decode, evict=evict)
+    kpos, kturn, t = dialogue_layout(rng, mask, decode=decode, evict=evict, notes=notes)
     n = len(kpos)
     start = n - t
     cap = n + int(rng.integers(0, 40))
@@ -109,6 +114,12 @@ def test_prefill_matches_reference(seed):
 def test_decode_matches_reference(seed):
     _kernels()
     _run(100 + seed, decode=True, evict=seed % 3 != 0, batch=1 + (seed // 2) % 2)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pinned_notes_mid_dialogue_match_reference(seed):
+    _kernels()
+    _run(200 + seed, decode=seed % 2 == 1, evict=True, batch=1 + seed % 2, notes=True)
 
 
 def _tiny_decoder(positions, dtype, head_dim=64):
