@@ -192,8 +192,10 @@ def read_manifest(folder: str, *, verify_hashes: bool = False) -> Manifest:
             data = json.load(f)
     except FileNotFoundError:
         raise ArtifactError(f"{folder}: not an artifact (no {MANIFEST})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: not readable JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, a 5000-digit number
+        raise ArtifactError(f"{path}: not readable JSON ({_one_line(e)})") from None
+    except RecursionError:  # JSON nested thousands deep (fuzzing)
+        raise ArtifactError(f"{path}: not readable JSON (nested too deeply)") from None
     manifest = Manifest.from_dict(data, where=path)
     for field_name, name in _named_files(manifest):
         artifact_file(folder, name, field_name)
@@ -208,12 +210,18 @@ def read_manifest(folder: str, *, verify_hashes: bool = False) -> Manifest:
     return manifest
 
 
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 def artifact_file(folder: str, name: str, field_name: str) -> str:
     """``folder/name``, refused unless ``name`` is a plain relative name that stays inside ``folder`` (no
     absolute path, no ``..``, no symlink out): an artifact copied from elsewhere must not make the runtime
     open, hash or load files outside it."""
     parts = name.replace("\\", "/").split("/")
-    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or "" in parts:
+    control = any(ord(c) < 32 for c in name)  # a NUL made os.path raise ValueError (fuzzing); none is a file name
+    if not name or control or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or "" in parts:
         raise ArtifactError(f"{os.path.join(folder, MANIFEST)}: field {field_name}: {name!r} is not a file name "
                             "inside the artifact folder")
     path = os.path.join(folder, name)

@@ -12,7 +12,8 @@ problem; no other exception, no hang (hypothesis' deadline bounds every case), n
 4. saved sessions: ``ChatSession.restore`` (truncated at every offset, bit flips, random bytes, mutated metadata)
    and ``save`` -> ``restore`` of random sessions;
 5. training data: ``read_dialogues``, ``parse_record``, ``clean_file``;
-6. dialogue scripts: ``belle-edge chat/demo --script`` (``cli/chat.py`` ``_read_script``).
+6. dialogue scripts: ``belle-edge chat/demo --script`` (``cli/chat.py`` ``_read_script``);
+7. an artifact's ``manifest.json``: ``read_manifest`` (names that leave the folder included) and its chat format.
 
 Fixed seed (``derandomize=True``), no example database: the same cases on every run. ``BELLE_EDGE_FUZZ_EXAMPLES``
 scales every example count for a longer run by hand, e.g. ``BELLE_EDGE_FUZZ_EXAMPLES=20 pytest
@@ -770,6 +771,62 @@ def test_a_dialogue_script_that_is_a_folder_or_missing(workdir):
             _read_script(path)
 
 
+# ---------------------------------------------------------------------------------------------- 7. manifest.json
+@pytest.fixture(scope="module")
+def artifact_copy(workdir, tiny_llama_dir):
+    """A compiled artifact (ONNX Runtime, fp32) and its manifest; the cases rewrite manifest.json only."""
+    from belle_edge.compile.pipeline import CompileConfig, compile_model
+
+    out = workdir / "artifact"
+    compile_model(CompileConfig(out=str(out), model=tiny_llama_dir), progress=False)
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+@st.composite
+def manifests(draw, base: dict):
+    kind = draw(st.sampled_from(["tree", "tree", "tree", "names", "bytes", "pathological"]))
+    if kind == "tree":
+        tree = base
+        for _ in range(draw(st.integers(1, 3))):
+            tree = _mutate_tree(draw, tree)
+        return json.dumps(tree, allow_nan=True).encode()
+    if kind == "names":  # a file name anywhere a manifest names one
+        name = draw(st.sampled_from(["../x", "/etc/passwd", "a//b", "", ".", "..", "sub/../../x", "\\server\\x",
+                                     "model.onnx\x00", "C:\\x", "~/x", "model.onnx/", "x" * 5000]))
+        tree = json.loads(json.dumps(base))
+        files = list(tree.get("files", {}))
+        where = draw(st.sampled_from(["files", "runtime"]))
+        if where == "files" and files:
+            tree["files"][name] = tree["files"].pop(draw(st.sampled_from(sorted(files))))
+        elif isinstance(tree.get("runtime"), dict):
+            field = draw(st.sampled_from(sorted(k for k, v in tree["runtime"].items() if isinstance(v, str)) or ["onnx"]))
+            tree["runtime"][field] = name
+        return json.dumps(tree).encode()
+    if kind == "bytes":
+        return draw(mutated_bytes(json.dumps(base).encode()))
+    return draw(st.sampled_from(PATHOLOGICAL_JSON))
+
+
+@fuzz(400)
+@given(data=st.data())
+def test_fuzz_manifest(artifact_copy, data):
+    """read_manifest (every load opens it), then what a load asks of it next: the chat format record."""
+    from belle_edge.manifest import read_manifest
+    from belle_edge.runtime.chat_format import chat_format_from_dict
+
+    folder, base = artifact_copy
+    raw = data.draw(manifests(base))
+    (folder / "manifest.json").write_bytes(raw)
+    try:
+        manifest = bounded(lambda: read_manifest(str(folder)), str(folder))
+        if manifest is not None:
+            assert all(os.path.realpath(folder / name).startswith(os.path.realpath(folder) + os.sep)
+                       for name in manifest.files), "a name outside the folder was accepted"
+            bounded(lambda: chat_format_from_dict(manifest.chat_format))
+    finally:
+        (folder / "manifest.json").write_text(json.dumps(base))
+
+
 # ---------------------------------------------------------------------------------------------- regressions
 # One plain test per bug the fuzzing found, named after it; each failed before its fix.
 def _read_config(tmp_path, **changes):
@@ -1177,3 +1234,32 @@ def test_a_chat_template_over_50000_characters_is_refused_before_it_compiles():
     loop = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
     with pytest.raises(UnsupportedModelError, match=r"chat template: \d+ characters, more than 50000"):
         TemplateFormat(loop * (50_000 // len(loop) + 1))
+
+
+def test_a_manifest_nested_thousands_deep_is_an_artifact_error(artifact_copy, tmp_path):
+    """RecursionError escaped read_manifest before (fuzzing)."""
+    import shutil
+
+    from belle_edge.manifest import ArtifactError, read_manifest
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifact_copy[0], folder)
+    for data in (deep(100_000), b'{"version": ' + b"9" * 5000 + b"}"):
+        (folder / "manifest.json").write_bytes(data)
+        with pytest.raises(ArtifactError, match="manifest.json: not readable JSON"):
+            read_manifest(str(folder))
+
+
+def test_a_manifest_naming_a_file_with_a_nul_byte_is_refused(artifact_copy, tmp_path):
+    """ValueError (embedded null byte) from os.path escaped read_manifest before (fuzzing)."""
+    import shutil
+
+    from belle_edge.manifest import ArtifactError, read_manifest
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifact_copy[0], folder)
+    manifest = dict(artifact_copy[1], files=dict(artifact_copy[1]["files"]))
+    manifest["files"]["model.onnx\x00"] = manifest["files"].pop("model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="is not a file name inside the artifact folder"):
+        read_manifest(str(folder))
