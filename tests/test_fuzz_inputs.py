@@ -318,7 +318,7 @@ def _check_tokenizer_folder(folder) -> None:
         assert bounded(lambda: load_tokenizer(str(folder)), str(folder)) is not None
 
 
-@fuzz(400)
+@fuzz(1500)
 @given(data=st.data())
 def test_fuzz_tokenizer_json(workdir, tokenizer_json, data):
     tokenizer = data.draw(tokenizer_files(tokenizer_json))
@@ -326,7 +326,7 @@ def test_fuzz_tokenizer_json(workdir, tokenizer_json, data):
     _check_tokenizer_folder(workdir / "tok")
 
 
-@fuzz(300)
+@fuzz(800)
 @given(tok_cfg=tokenizer_configs, raw=st.one_of(st.none(), st.sampled_from(PATHOLOGICAL_JSON)),
        jinja=st.one_of(st.none(), st.binary(max_size=32), st.text(max_size=32).map(str.encode)))
 def test_fuzz_tokenizer_config_and_chat_template_jinja(workdir, tiny_tokenizer, tok_cfg, raw, jinja):
@@ -477,7 +477,7 @@ def _exercise_format(fmt, system, turns) -> None:
     assert again == fmt
 
 
-@fuzz(400, deadline=4.0)  # a template at the size bound compiles in ~0.3 s, ~5x that under tracemalloc
+@fuzz(1500, deadline=4.0)  # a template at the size bound compiles in ~0.3 s, ~5x that under tracemalloc
 @given(template=templates(), choice=st.sampled_from(["auto", "template", "belle", "belle-v2", "other"]),
        bos=st.one_of(st.none(), st.sampled_from(["<s>", "<|im_start|>"]), odd_values),
        eos=st.one_of(st.none(), st.sampled_from(["</s>", "<|im_end|>"]), odd_values),
@@ -491,7 +491,7 @@ def test_fuzz_chat_templates(template, choice, bos, eos, system, turns):
         _exercise_format(fmt, system, turns)
 
 
-@fuzz(200)
+@fuzz(1000)
 @given(d=st.one_of(st.fixed_dictionaries({"kind": st.sampled_from(["template", "belle", "x"])},
                                          optional={"template": st.one_of(st.just(CHATML), odd_values),
                                                    "variant": st.one_of(st.sampled_from(["belle", "belle-v2"]),
@@ -750,7 +750,7 @@ def script_files(draw) -> bytes:
                                  b"\n" * 100_000, b"\xef\xbb\xbf", b"\xef\xbb\xbf# only a comment\n"]))
 
 
-@fuzz(300)
+@fuzz(2000)
 @given(data=script_files())
 def test_fuzz_dialogue_script(workdir, data):
     from belle_edge.cli.chat import _read_script
@@ -807,7 +807,7 @@ def manifests(draw, base: dict):
     return draw(st.sampled_from(PATHOLOGICAL_JSON))
 
 
-@fuzz(400)
+@fuzz(1500)
 @given(data=st.data())
 def test_fuzz_manifest(artifact_copy, data):
     """read_manifest (every load opens it), then what a load asks of it next: the chat format record."""
