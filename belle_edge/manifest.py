@@ -181,6 +181,8 @@ def write_manifest(folder: str, manifest: Manifest) -> Manifest:
     tmp = os.path.join(folder, f".{MANIFEST}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest.to_dict(), f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a power cut leaves the old manifest or the new one
     os.replace(tmp, os.path.join(folder, MANIFEST))  # an existing manifest is replaced whole or not at all
     return manifest
 

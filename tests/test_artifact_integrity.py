@@ -100,3 +100,22 @@ def test_work_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
         folder.mkdir()
     assert sorted(remove_abandoned(out)) == sorted([str(dead), str(old)])
     assert live.exists() and not dead.exists() and not old.exists()
+
+
+def test_a_staged_folder_is_flushed_to_disk_before_and_after_its_rename(tmp_path, monkeypatch):
+    """fsync of each file and folder before the rename publishes the folder, and of the parent after: the
+    whole-or-nothing rule then holds after a power cut too, not only after a killed process."""
+    import belle_edge.core.folders as folders
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(folders.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    out = tmp_path / "out"
+    with staged_folder(str(out)) as work:
+        os.makedirs(os.path.join(work, "sub"))
+        for name in ("a.bin", "sub/b.bin"):
+            with open(os.path.join(work, name), "wb") as f:
+                f.write(b"x" * 10)
+    assert out.is_dir() and synced[-1] == str(tmp_path)  # the parent, after the rename
+    names = {os.path.basename(p) for p in synced}
+    assert {"a.bin", "b.bin", "sub"} <= names and os.path.basename(work) in names  # the tree, before it

@@ -1,7 +1,8 @@
 """Writing a folder whole or not at all: every command that makes a folder (an artifact, a pruned or
 quantized checkpoint, a cache entry) builds it in a hidden sibling and renames it into place at the end, so
 a failed or interrupted run never leaves a folder that looks complete, and an existing one is replaced only
-once the new one is whole.
+once the new one is whole. The files are flushed to disk (fsync) before the rename and the rename after it, so
+the same holds after a power cut, not only after a killed process.
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def staged_folder(out: str, *, force: bool = False) -> Iterator[str]:
     work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-{os.getpid()}-")
     try:
         yield work
+        sync_tree(work)
         move_into_place(work, out)
+        sync_dir(parent)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -54,6 +57,32 @@ def move_into_place(work: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
         return
     os.replace(work, out)
+
+
+def sync_tree(folder: str) -> None:
+    """fsync every file under ``folder`` and every folder in it: what a rename then publishes is on disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_dir(root)
+
+
+def sync_dir(folder: str) -> None:
+    """fsync a folder (its entries: a rename into it). A no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: nothing more can be done there
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_abandoned(out: str) -> list[str]:
@@ -119,6 +148,7 @@ def write_text_atomic(path: str, lines: Iterable[str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError as err:
         raise InputError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:

@@ -469,6 +469,8 @@ class ChatSession:
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), kv=self.backend.read_kv(),
                      **self.ledger.to_arrays())
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename publishes it (a power cut keeps the old file)
         os.replace(tmp, path)
 
     @classmethod

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from ..core.folders import sync_dir, sync_tree
 from ..errors import InputError
 
 KEEP_CHECKPOINTS = 2
@@ -193,9 +194,11 @@ def _save(folder, model, names, optimizer, scheduler, step, history) -> None:
                 "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "optimizer.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:  # last: marks the checkpoint complete
         json.dump({"step": step, "history": history}, f)
+    sync_tree(tmp)  # on disk before the rename marks it the latest (a power cut, not only a kill)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     root = os.path.dirname(folder)
+    sync_dir(root)
     for old in _steps(root)[:-KEEP_CHECKPOINTS]:  # a full-parameter checkpoint is weights + 2 AdamW moments
         shutil.rmtree(os.path.join(root, f"step-{old}"), ignore_errors=True)
 
