@@ -209,13 +209,14 @@ def goal(summary: dict, window: int = 3) -> list[dict]:
 
 def format_table(result: dict) -> str:
     summary = result["summary"]
-    distances = sorted({d for s in summary.values() for d in s["accuracy_by_distance"]})
+    by_d = {name: {int(d): v for d, v in s["accuracy_by_distance"].items()} for name, s in summary.items()}
+    distances = sorted({d for v in by_d.values() for d in v})
     head = ("| setting | all | d > 3 | " + " | ".join(f"d={d}" for d in distances)
             + " | KV held at the question | of which notes | TTFT of the question (median) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, s in summary.items():
         cells = [f"{_pct(s['accuracy'])}", f"{_pct(s['accuracy_far'])}"]
-        cells += [_pct(s["accuracy_by_distance"].get(d)) for d in distances]
+        cells += [_pct(by_d[name].get(d)) for d in distances]
         cells += [f"{s['kv_tokens_mean']:.0f} tok", f"{s['note_tokens_mean']:.0f} tok", f"{s['ttft_ms_median']:.0f} ms"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -234,12 +235,15 @@ def plot(result: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, s in result["summary"].items():
-        xs = sorted(s["accuracy_by_distance"])
+        by_d = {int(d): v for d, v in s["accuracy_by_distance"].items()}  # keys are strings after a JSON trip
+        xs = sorted(by_d)
         style = "--" if "+" in name else ("-" if name != "off" else ":")
-        ax.plot(xs, [100 * s["accuracy_by_distance"][x] for x in xs], style, marker="o", markersize=3, label=name)
+        ax.plot(xs, [100 * by_d[x] for x in xs], style, marker="o", markersize=3, label=name)
+    ax.set_xticks(range(1, 11))
     ax.set_xlabel("distance d (turns between the fact and the question)")
     ax.set_ylabel("replies holding the fact (%)")
-    ax.set_title(f"What the turn window forgets — {result['model']} ({result['backend']}), {result['probes']} probes")
+    ax.set_title(f"What the turn window forgets: {result['probes']} probes\n{result['model']} ({result['backend']})",
+                 fontsize=10)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(ncol=2, fontsize=8)
