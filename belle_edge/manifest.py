@@ -155,7 +155,8 @@ class Manifest:
             found = data.get("format") if isinstance(data, dict) else None
             raise ArtifactError(f"{where}: format is {found!r}, expected {FORMAT!r}")
         if data.get("version") != VERSION:
-            raise ArtifactError(f"{where}: artifact version {data.get('version')}, this belle_edge reads {VERSION}; "
+            # repr: a version is a number, anything else is shown as what it is, on one line (fuzzing found "\n")
+            raise ArtifactError(f"{where}: artifact version {data.get('version')!r:.40}, this belle_edge reads {VERSION}; "
                                 "recompile with this version (belle-edge compile ... --force)")
         return _from_json(cls, data, where, "")
 

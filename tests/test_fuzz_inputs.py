@@ -1263,3 +1263,17 @@ def test_a_manifest_naming_a_file_with_a_nul_byte_is_refused(artifact_copy, tmp_
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="is not a file name inside the artifact folder"):
         read_manifest(str(folder))
+
+
+def test_a_manifest_whose_version_is_a_line_break_gives_one_line(artifact_copy, tmp_path):
+    """The version was printed as it was, line break included (fuzzing, at CI size)."""
+    import shutil
+
+    from belle_edge.manifest import ArtifactError, read_manifest
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifact_copy[0], folder)
+    (folder / "manifest.json").write_text(json.dumps({**artifact_copy[1], "version": "\n"}))
+    with pytest.raises(ArtifactError, match=r"artifact version '\\n', this belle_edge reads 2") as e:
+        read_manifest(str(folder))
+    assert "\n" not in str(e.value)
