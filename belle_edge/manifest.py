@@ -298,7 +298,7 @@ def _value(hint, value, where: str, path: str):
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             _wrong(hint, value, where, path)
-        return {k: _value(args[1], v, where, f"{path}.{k}") for k, v in value.items()} if args else dict(value)
+        return {k: _value(args[1], v, where, _join(path, k)) for k, v in value.items()} if args else dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and type(value) is hint:
@@ -312,4 +312,8 @@ def _wrong(hint, value, where: str, path: str):
 
 
 def _join(path: str, name: str) -> str:
+    """A field's path for a message; a key from the file that is not plain printable text (a line break, a NUL:
+    fuzzing) is shown as its repr, so the message stays one line."""
+    if not (name.isprintable() and name and len(name) <= 80):
+        name = f"{name!r:.80}"
     return f"{path}.{name}" if path else name

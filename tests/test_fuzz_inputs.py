@@ -1277,3 +1277,17 @@ def test_a_manifest_whose_version_is_a_line_break_gives_one_line(artifact_copy, 
     with pytest.raises(ArtifactError, match=r"artifact version '\\n', this belle_edge reads 2") as e:
         read_manifest(str(folder))
     assert "\n" not in str(e.value)
+
+
+def test_a_manifest_key_holding_a_line_break_is_named_on_one_line(artifact_copy, tmp_path):
+    """A key of "files" with a carriage return was echoed into the message as it was (fuzzing, 8x CI)."""
+    import shutil
+
+    from belle_edge.manifest import ArtifactError, read_manifest
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifact_copy[0], folder)
+    (folder / "manifest.json").write_text(json.dumps({**artifact_copy[1], "files": {"\r": None}}))
+    with pytest.raises(ArtifactError, match=r"field files\.'\\r': expected") as e:
+        read_manifest(str(folder))
+    assert "\r" not in str(e.value)
