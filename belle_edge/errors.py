@@ -41,3 +41,10 @@ class QueueFullError(BelleEdgeError):
 
 class EngineClosedError(BelleEdgeError):
     """The batched engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line (a BelleEdgeError's message is one line, whatever the
+    library below said), at most ``limit`` characters; the exception's type when it says nothing."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]

@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from .errors import BelleEdgeError, CheckpointError
+from .errors import BelleEdgeError, CheckpointError, first_line
 from .models.config import ModelConfig
 
 FORMAT = "belle_edge.artifact"
@@ -196,7 +196,7 @@ def read_manifest(folder: str, *, verify_hashes: bool = False) -> Manifest:
     except FileNotFoundError:
         raise ArtifactError(f"{folder}: not an artifact (no {MANIFEST})") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: JSONDecodeError, a 5000-digit number
-        raise ArtifactError(f"{path}: not readable JSON ({_one_line(e)})") from None
+        raise ArtifactError(f"{path}: not readable JSON ({first_line(e)})") from None
     except RecursionError:  # JSON nested thousands deep (fuzzing)
         raise ArtifactError(f"{path}: not readable JSON (nested too deeply)") from None
     manifest = Manifest.from_dict(data, where=path)
@@ -211,11 +211,6 @@ def read_manifest(folder: str, *, verify_hashes: bool = False) -> Manifest:
         if verify_hashes and file_record(file).sha256 != record.sha256:
             raise ArtifactError(f"{file}: sha256 differs from the manifest")
     return manifest
-
-
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def artifact_file(folder: str, name: str, field_name: str) -> str:

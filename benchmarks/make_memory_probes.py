@@ -85,60 +85,76 @@ DATES = ["6月18日", "11月11日", "3月8日", "9月20日", "12月24日", "5月
 EN_DATES = ["June 18", "November 11", "March 8"]
 
 
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(n))
+
+
+def _order_number(rng: random.Random) -> str:
+    prefix = rng.choice(["JD", "SF", "TB", "DD"])
+    return prefix + _digits(rng, rng.choice([10, 12]))
+
+
+def _address(rng: random.Random) -> str:
+    city, district, road = rng.choice(CITIES)
+    return f"{city}{district}{road}{rng.randint(1, 299)}号"
+
+
+# kind -> language -> how to draw the fact
+VALUES = {
+    "order": {"zh": _order_number, "en": _order_number},
+    "phone": {lang: (lambda rng: "1" + rng.choice("3589") + _digits(rng, 9)) for lang in ("zh", "en")},
+    "address": {"zh": _address},
+    "name": {"zh": lambda rng: rng.choice(SURNAMES) + rng.choice(GIVEN), "en": lambda rng: rng.choice(EN_NAMES)},
+    "product": {"zh": lambda rng: rng.choice(PRODUCTS), "en": lambda rng: rng.choice(EN_PRODUCTS)},
+    "size": {"zh": lambda rng: rng.choice(SIZES), "en": lambda rng: rng.choice(EN_SIZES)},
+    "date": {"zh": lambda rng: rng.choice(DATES), "en": lambda rng: rng.choice(EN_DATES)},
+}
+# kind -> language -> (the customer's message stating {fact}, the reference reply, the ways to ask for it back)
+TEMPLATES = {
+    "order": {
+        "zh": ("你好，我的订单号是{fact}，想问一下发货了没有？", "您好，已查到订单{fact}，正在打包，今天会发出。",
+               ["我刚才说的订单号是多少？", "麻烦再报一下我的订单号。", "我的订单号是什么来着？"]),
+        "en": ("Hi, my order number is {fact}. Has it shipped yet?",
+               "Thanks, I found order {fact}. It is being packed and will ship today.",
+               ["What was my order number again?", "Can you repeat my order number?", "Which order number did I give you?"])},
+    "phone": {
+        "zh": ("到货的时候请打我电话{fact}。", "好的，已备注联系电话{fact}，到货后快递员会联系您。",
+               ["我留的电话号码是多少？", "快递员会打哪个号码？", "麻烦确认一下我的手机号。"]),
+        "en": ("Please call me at {fact} when the parcel arrives.", "Noted, the courier will call {fact} on arrival.",
+               ["What phone number did I give you?", "Can you read my phone number back to me?",
+                "Which number will the courier call?"])},
+    "address": {
+        "zh": ("收货地址改成{fact}，麻烦帮我改一下。", "好的，收货地址已改为{fact}。",
+               ["我的收货地址是哪里？", "麻烦确认一下我刚才给的地址。", "包裹会寄到哪个地址？"])},
+    "name": {
+        "zh": ("我叫{fact}，订单是用这个名字下的。", "{fact}您好，已找到您的账户。",
+               ["我叫什么名字？", "订单上的收货人是谁？", "你还记得我的名字吗？"]),
+        "en": ("The order is under the name {fact}.", "Thank you, {fact}. I have found your account.",
+               ["What name is the order under?", "Do you remember my name?", "Whose name did I give for the order?"])},
+    "product": {
+        "zh": ("我上周买的{fact}开不了机了。", "很抱歉给您带来不便，我们来处理一下您的{fact}。",
+               ["我说的是哪个商品？", "我买的是什么产品？", "出问题的是哪件商品？"]),
+        "en": ("I bought a {fact} last week and it will not turn on.", "Sorry to hear that. Let us sort out your {fact}.",
+               ["Which product did I say I bought?", "What item was I asking about?", "Remind me which product is broken."])},
+    "size": {
+        "zh": ("这件衣服我要换成{fact}。", "好的，帮您登记换成{fact}。",
+               ["我要换的是什么尺码？", "我刚才说换哪个码？", "麻烦确认一下我要的尺码。"]),
+        "en": ("Please exchange my shoes for {fact}.", "Sure, I will exchange them for {fact}.",
+               ["Which size did I ask for?", "What size am I exchanging to?", "Remind me of the size I wanted."])},
+    "date": {
+        "zh": ("请在{fact}送到，别提前。", "好的，已约定{fact}配送。",
+               ["我希望哪天送到？", "我约的送货日期是哪天？", "麻烦确认一下配送日期。"]),
+        "en": ("Please deliver it on {fact}, not before.", "Got it, delivery is scheduled for {fact}.",
+               ["Which day did I want it delivered?", "What delivery date did I ask for?",
+                "When should it arrive, as I asked?"])},
+}
+
+
 def _fact(rng: random.Random, kind: str, lang: str) -> tuple[str, str, str, list[str]]:
     """(the fact, the customer's message stating it, the reference reply, the ways to ask for it back)."""
-    if kind == "order":
-        fact = rng.choice(["JD", "SF", "TB", "DD"]) + "".join(rng.choice("0123456789") for _ in range(rng.choice([10, 12])))
-        if lang == "en":
-            return fact, f"Hi, my order number is {fact}. Has it shipped yet?", \
-                f"Thanks, I found order {fact}. It is being packed and will ship today.", \
-                ["What was my order number again?", "Can you repeat my order number?", "Which order number did I give you?"]
-        return fact, f"你好，我的订单号是{fact}，想问一下发货了没有？", f"您好，已查到订单{fact}，正在打包，今天会发出。", \
-            ["我刚才说的订单号是多少？", "麻烦再报一下我的订单号。", "我的订单号是什么来着？"]
-    if kind == "phone":
-        fact = "1" + rng.choice("3589") + "".join(rng.choice("0123456789") for _ in range(9))
-        if lang == "en":
-            return fact, f"Please call me at {fact} when the parcel arrives.", f"Noted, the courier will call {fact} on arrival.", \
-                ["What phone number did I give you?", "Can you read my phone number back to me?", "Which number will the courier call?"]
-        return fact, f"到货的时候请打我电话{fact}。", f"好的，已备注联系电话{fact}，到货后快递员会联系您。", \
-            ["我留的电话号码是多少？", "快递员会打哪个号码？", "麻烦确认一下我的手机号。"]
-    if kind == "address":
-        city, district, road = rng.choice(CITIES)
-        fact = f"{city}{district}{road}{rng.randint(1, 299)}号"
-        return fact, f"收货地址改成{fact}，麻烦帮我改一下。", f"好的，收货地址已改为{fact}。", \
-            ["我的收货地址是哪里？", "麻烦确认一下我刚才给的地址。", "包裹会寄到哪个地址？"]
-    if kind == "name":
-        if lang == "en":
-            fact = rng.choice(EN_NAMES)
-            return fact, f"The order is under the name {fact}.", f"Thank you, {fact}. I have found your account.", \
-                ["What name is the order under?", "Do you remember my name?", "Whose name did I give for the order?"]
-        fact = rng.choice(SURNAMES) + rng.choice(GIVEN)
-        return fact, f"我叫{fact}，订单是用这个名字下的。", f"{fact}您好，已找到您的账户。", \
-            ["我叫什么名字？", "订单上的收货人是谁？", "你还记得我的名字吗？"]
-    if kind == "product":
-        if lang == "en":
-            fact = rng.choice(EN_PRODUCTS)
-            return fact, f"I bought a {fact} last week and it will not turn on.", \
-                f"Sorry to hear that. Let us sort out your {fact}.", \
-                ["Which product did I say I bought?", "What item was I asking about?", "Remind me which product is broken."]
-        fact = rng.choice(PRODUCTS)
-        return fact, f"我上周买的{fact}开不了机了。", f"很抱歉给您带来不便，我们来处理一下您的{fact}。", \
-            ["我说的是哪个商品？", "我买的是什么产品？", "出问题的是哪件商品？"]
-    if kind == "size":
-        if lang == "en":
-            fact = rng.choice(EN_SIZES)
-            return fact, f"Please exchange my shoes for {fact}.", f"Sure, I will exchange them for {fact}.", \
-                ["Which size did I ask for?", "What size am I exchanging to?", "Remind me of the size I wanted."]
-        fact = rng.choice(SIZES)
-        return fact, f"这件衣服我要换成{fact}。", f"好的，帮您登记换成{fact}。", \
-            ["我要换的是什么尺码？", "我刚才说换哪个码？", "麻烦确认一下我要的尺码。"]
-    if lang == "en":
-        fact = rng.choice(EN_DATES)
-        return fact, f"Please deliver it on {fact}, not before.", f"Got it, delivery is scheduled for {fact}.", \
-            ["Which day did I want it delivered?", "What delivery date did I ask for?", "When should it arrive, as I asked?"]
-    fact = rng.choice(DATES)
-    return fact, f"请在{fact}送到，别提前。", f"好的，已约定{fact}配送。", \
-        ["我希望哪天送到？", "我约的送货日期是哪天？", "麻烦确认一下配送日期。"]
+    fact = VALUES[kind][lang](rng)
+    statement, reply, asks = TEMPLATES[kind][lang]
+    return fact, statement.format(fact=fact), reply.format(fact=fact), asks
 
 
 def dialogues() -> list[dict]:

@@ -11,7 +11,7 @@ import os
 
 from tokenizers import Tokenizer
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..models import family, family_name_for
 from ..runtime.chat_format import make_chat_format
 from ..runtime.tokenizer_file import read_tokenizer_file, usable_tokenizer
@@ -86,8 +86,8 @@ def _read_safetensors(shard: str) -> dict:
     try:
         return load_file(shard)
     except (SafetensorError, OSError, ValueError) as e:
-        # _first_line: the reader quotes the header, whose strings may hold a line break (fuzzing)
-        raise CheckpointError(f"{shard}: not a readable safetensors file ({_first_line(e)})") from None
+        # first_line: the reader quotes the header, whose strings may hold a line break (fuzzing)
+        raise CheckpointError(f"{shard}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def _read_pickle(shard: str) -> dict:
@@ -99,7 +99,7 @@ def _read_pickle(shard: str) -> dict:
         # weights_only runs no code, so any exception means a corrupt file: on one, torch's restricted unpickler
         # raises IndexError, KeyError, UnicodeDecodeError, ... besides UnpicklingError (fuzzing), and EOFError
         # with no message at all (which made str(e).splitlines()[0] an IndexError)
-        raise CheckpointError(f"{shard}: not a readable torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{shard}: not a readable torch checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict):  # a pickled tensor or list made dict.update raise TypeError (fuzzing)
         raise CheckpointError(f"{shard}: expected a dict of tensor names to tensors, got {type(state).__name__}")
     return state
@@ -190,12 +190,6 @@ def read_tokenizer(path: str) -> tuple[Tokenizer, dict]:
         return usable_tokenizer(lambda: AutoTokenizer.from_pretrained(path).backend_tokenizer,
                                 f"{path}/tokenizer.model"), tok_cfg
     raise CheckpointError(f"{path}: no tokenizer (tokenizer.json or tokenizer.model)")
-
-
-def _first_line(e: Exception) -> str:
-    """An exception's message cut to one line (the error's message must be one line)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _token(tok_cfg: dict, key: str) -> str | None:

@@ -32,10 +32,9 @@ from typing import Iterator
 
 from ..errors import EngineClosedError, InputError, QueueFullError
 from ..mask import MaskConfig
-from .notes import MAX_NOTES, check_note
 from .sampler import SamplingConfig
 from .scheduler import Cancelled, SlotView, StepScheduler
-from .session import ChatSession, refuse_special_tokens
+from .session import ChatSession
 
 ROLES = ("system", "user", "assistant")
 
@@ -256,11 +255,8 @@ class Generation:
         session.configure(**self._settings)
         for user, reply in turns[held:]:
             session.add_turn(user, reply)
-        if self._notes is not None and self._notes != session.notes:  # placed with this request's turn
-            for key in [k for k in session.notes if k not in self._notes]:
-                session.unpin(key)
-            for key, value in self._notes.items():
-                session.pin(key, value)
+        if self._notes is not None:  # a change is placed with this request's turn
+            session.set_notes(self._notes)
         self._fed_history = slot.view.fed - fed  # prefilled to bring the cache to the request's history
         return session
 
@@ -321,12 +317,8 @@ class BatchEngine:
         ``notes``: the conversation's pinned notes (runtime/notes.py) from this turn on — a change enters the
         cache with this request's turn; None keeps what the conversation's slot holds (none for a new one)."""
         system, turns, message = parse_messages(messages)
-        if notes is not None:
-            if not isinstance(notes, dict) or len(notes) > MAX_NOTES:
-                raise InputError(f"notes: expected an object of at most {MAX_NOTES} key: value strings")
-            for key, value in notes.items():
-                check_note(key, value)
-                refuse_special_tokens(self.model, key + value, "notes")
+        if notes is not None:  # checked here, so that a bad request fails at once and alone
+            ChatSession.check_notes(self.model, notes)
         if not message.strip():
             raise InputError("message is empty")
         if not isinstance(max_tokens, int) or max_tokens < 1:

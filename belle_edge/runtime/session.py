@@ -36,7 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import ContextFullError, InputError, SessionFileError
+from ..errors import ContextFullError, InputError, SessionFileError, first_line
 from ..mask import MaskConfig, retained
 from .decode import Decoding
 from .detokenizer import IncrementalDetokenizer
@@ -163,6 +163,19 @@ class ChatSession:
             raise InputError(f"note {key!r}: not pinned (pinned: {', '.join(self.notes) or 'none'})")
         del self.notes[key]
 
+    def set_notes(self, notes: dict[str, str]) -> None:
+        """Make ``notes`` the pinned notes, all or none of them (each checked as ``pin`` checks it)."""
+        self.check_notes(self.model, notes)
+        self.notes = dict(notes)
+
+    @staticmethod
+    def check_notes(model, notes) -> None:
+        if not isinstance(notes, dict) or len(notes) > MAX_NOTES:
+            raise InputError(f"notes: expected an object of at most {MAX_NOTES} key: value strings")
+        for key, value in notes.items():
+            check_note(key, value)
+            refuse_special_tokens(model, key + value, "note")
+
     def send(self, message: str) -> Reply:
         text = "".join(self.stream(message))
         return Reply(text, self.last_stats)
@@ -175,10 +188,7 @@ class ChatSession:
         if not isinstance(message, str) or not message.strip():
             raise InputError("message is empty")
         refuse_special_tokens(self.model, message, "message")
-        turn = self.turn + 1
-        notes = self._notes_for(message)
-        close, new = self._tokenize_turn(turn, message, notes)
-        kept = self._kept_after(turn, close, notes)
+        turn, notes, close, new, kept = self._plan_turn(message)
         if kept + len(new[0]) + 1 > self._room:
             self._refuse(kept, len(new[0]), self._room)
         self._active = self._run_turn(t0, turn, message, close, new, notes)
@@ -189,18 +199,24 @@ class ChatSession:
     def _room(self) -> int:
         return min(self.ledger.capacity, self.model.max_positions)
 
-    def _notes_for(self, message: str) -> dict[str, str]:
-        """The notes the turn of ``message`` opens with (its automatic ones added); not yet the session's."""
-        return with_found(self.notes, message) if self.auto_notes else self.notes
+    def _plan_turn(self, message: str):
+        """(turn, the notes it opens with, close, new, tokens kept) for the next turn; nothing changes yet. The
+        notes are the session's, with the automatic ones of ``message`` added."""
+        turn = self.turn + 1
+        notes = with_found(self.notes, message) if self.auto_notes else self.notes
+        body = notes_body(notes)
+        replaces = body != self._notes_placed
+        close, new = self._tokenize_turn(turn, message, body if replaces else "")
+        return turn, notes, close, new, self._kept_after(turn, close, drop_notes=replaces)
 
-    def _kept_after(self, turn: int, close, notes: dict) -> int:
+    def _kept_after(self, turn: int, close, *, drop_notes: bool) -> int:
         """Tokens the cache will hold once the new turn is in: everything a query of ``turn`` can still see,
-        less the notes block that the turn replaces."""
+        less the notes block when the turn replaces it."""
         start = self.ledger.next_position
         positions = np.concatenate([self.ledger.positions, np.arange(start, start + len(close[0]))])
         turns = np.concatenate([self.ledger.turns, close[1]])
         kept = retained(positions, turns, turn, self.mask) if self.mask.enabled else np.ones(len(positions), bool)
-        if notes_body(notes) != self._notes_placed:
+        if drop_notes:
             kept &= ~self._in_note_span(positions)
         return int(kept.sum())
 
@@ -215,13 +231,11 @@ class ChatSession:
             active, self._active = self._active, None
             active.close()
 
-    def _tokenize_turn(self, turn: int, message: str, notes: dict):
+    def _tokenize_turn(self, turn: int, message: str, notes_block: str):
         """Two groups of (ids, turns): what closes the previous turn (or the system segment, on the first
-        turn), and the new turn up to the assistant's reply, led by the notes block when the notes changed
-        (runtime/dialogue.py)."""
-        body = notes_body(notes)
-        segments = opening_segments(self._fmt, self.system, message, turn, close=self._pending,
-                                    notes=body if body != self._notes_placed else "")
+        turn), and the new turn up to the assistant's reply, led by ``notes_block`` (the body of notes placed
+        anew; "" none) (runtime/dialogue.py)."""
+        segments = opening_segments(self._fmt, self.system, message, turn, close=self._pending, notes=notes_block)
         if turn == 1 and self._opened:  # an interrupted first turn already fed the system segment
             segments[0] = Segment("", 0, "system")
         specials = not self._opened and self._fmt.add_special_tokens_first
@@ -315,11 +329,8 @@ class ChatSession:
         self._close_active()
         if not isinstance(message, str) or not message.strip():
             raise InputError("message is empty")
-        turn = self.turn + 1
-        notes = self._notes_for(message)
-        close, new = self._tokenize_turn(turn, message, notes)
+        turn, notes, close, new, kept = self._plan_turn(message)
         ((ids, seg),) = encode(self.model.tokenizer, [Segment(reply, turn, "reply")], specials_first=False)
-        kept = self._kept_after(turn, close, notes)
         if kept + len(new[0]) + len(ids) + 1 > self._room:
             self._refuse(kept, len(new[0]) + len(ids), self._room)
         self._open_turn(turn, message, close, new, notes)
@@ -501,7 +512,7 @@ class ChatSession:
             session.sampler.set_state(meta["sampler_state"])
             session.stats = [TurnStats(**s) for s in meta["stats"]]
         except (KeyError, TypeError, ValueError, AssertionError, OverflowError, InputError) as e:
-            raise SessionFileError(f"{path}: damaged session file ({type(e).__name__}: {_one_line(e)})") from None
+            raise SessionFileError(f"{path}: damaged session file ({type(e).__name__}: {first_line(e)})") from None
         session._valid = session.ledger.n
         session.turn, session.history, session._pending = meta["turn"], meta["history"], meta["pending"]
         session._opened = meta["opened"]
@@ -513,11 +524,6 @@ class ChatSession:
 
 
 _SESSION_ARRAYS = ("meta", "ids", "positions", "turns", "kv")
-
-
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else "")[:200]
 
 
 def _read_session_file(path: str) -> tuple[dict, dict]:
@@ -534,7 +540,7 @@ def _read_session_file(path: str) -> tuple[dict, dict]:
             arrays = {k: data[k] for k in _SESSION_ARRAYS[1:]}
     except Exception as e:  # zipfile and numpy raise many types on a damaged file (BadZipFile, zlib.error,
         # NotImplementedError, EOFError, tokenize.TokenError from a flipped header, ...): all mean "unreadable"
-        raise SessionFileError(f"{path}: not a readable belle_edge session file ({type(e).__name__}: {_one_line(e)})") \
+        raise SessionFileError(f"{path}: not a readable belle_edge session file ({type(e).__name__}: {first_line(e)})") \
             from None
     if not isinstance(meta, dict):
         raise SessionFileError(f"{path}: damaged session file (meta: expected an object, got {type(meta).__name__})")

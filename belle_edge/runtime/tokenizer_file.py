@@ -11,7 +11,7 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 
 PROBE = "你好, hello 123"
 
@@ -39,17 +39,13 @@ def usable_tokenizer(load: Callable, where: str, *, backend: Callable = lambda t
     except CheckpointError:
         raise
     except Exception as e:  # tokenizers raises bare Exception (and transformers many types) on malformed files
-        raise CheckpointError(f"{where}: not a readable tokenizer ({_first_line(e)})") from None
+        raise CheckpointError(f"{where}: not a readable tokenizer ({first_line(e)})") from None
     except BaseException as e:
         if not is_rust_panic(e):
             raise
-        raise CheckpointError(f"{where}: not a usable tokenizer (tokenizers failed: {_first_line(e)})") from None
+        raise CheckpointError(f"{where}: not a usable tokenizer (tokenizers failed: {first_line(e)})") from None
 
 
 def read_tokenizer_file(path: str) -> Tokenizer:
     return usable_tokenizer(lambda: Tokenizer.from_file(path), path)
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
