@@ -33,9 +33,13 @@ def test_automatic_notes_find_order_numbers_phones_addresses_and_emails():
     assert notes_from_message("七天无理由退货吗？我的单号不记得了") == {}
 
 
-def test_notes_are_a_system_message_in_chatml_an_exchange_where_roles_must_alternate_and_plain_in_belle():
+def test_notes_are_plain_lines_in_chatml_and_belle_and_an_exchange_where_blocks_open_with_bos():
     body = notes_body({"订单号": "JD123", "电话": "13812345678"})
-    assert TemplateFormat(CHATML).note_text(body) == f"<|im_start|>system\n{body}<|im_end|>\n"
+    chatml = TemplateFormat(CHATML)
+    assert chatml.note_text(body) == "订单号：JD123\n电话：13812345678\n"
+    # between two messages: the previous reply's close ends its line, the next user block opens on a new one
+    held = "".join(s.text for s in dialogue_segments(chatml, "S", [("a", "b"), ("c", "d")], notes={2: body}))
+    assert f"<|im_end|>\n{body}\n<|im_start|>user\nc<|im_end|>" in held
     llama2 = TemplateFormat(LLAMA2, bos_token="<s>", eos_token="</s>")
     assert llama2.note_text(body) == llama2.turn_text(body) + NOTE_ACKNOWLEDGED + llama2.reply_end
     assert BelleFormat().note_text(body) == body + "\n\n"

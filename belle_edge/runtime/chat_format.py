@@ -23,7 +23,6 @@ from ..errors import InputError, UnsupportedModelError
 
 _SENTINEL_USER = "\u2063belle-edge-user\u2063"
 _SENTINEL_REPLY = "\u2063belle-edge-reply\u2063"
-_SENTINEL_NOTE = "\u2063belle-edge-note\u2063"
 NOTE_ACKNOWLEDGED = "好的，已记下。"  # the assistant's side of notes written as an exchange ("OK, noted.")
 
 # BELLE's formats (DESIGN.md): v1 is the BLOOM model cards' format, v2 the v2 training code's, with EOS after
@@ -211,20 +210,14 @@ class TemplateFormat:
         return first[len(head):]
 
     def note_text(self, body: str) -> str:
-        """Pinned notes (runtime/notes.py) mid-dialogue: a system message after the last reply where the template
-        renders one there and a user message still follows it as usual (ChatML); otherwise an exchange the
-        assistant acknowledges, which every template that renders turn by turn can write."""
-        hist = self._history(None)
-        before = self._render(hist, False)
-        note = [{"role": "system", "content": _SENTINEL_NOTE}]
-        try:
-            after = self._render(hist + note, False)
-            then = self._render(hist + note + [{"role": "user", "content": _SENTINEL_USER}], True)
-        except UnsupportedModelError:  # e.g. "Conversation roles must alternate user/assistant/user/assistant"
-            after = then = ""
-        block = after[len(before):]
-        if after.startswith(before) and block.count(_SENTINEL_NOTE) == 1 and then == after + self.turn_text(_SENTINEL_USER):
-            return block.replace(_SENTINEL_NOTE, body)
+        """Pinned notes (runtime/notes.py) mid-dialogue. Where the record ends each message with a newline (ChatML:
+        Qwen2), the notes are plain lines between two messages: the keys say what each fact is, and the block
+        costs one token besides its text, where a mid-dialogue system message costs five (its wrapper), which is
+        what put W=3 with notes over 10% more KV than W=3 without (dialogue-memory benchmark: 12% as a system
+        message, 8.5% as lines, the same accuracy). Elsewhere (Llama-2's ``[INST]``, whose blocks each open with
+        BOS) an exchange the assistant acknowledges, which keeps BOS first in the sequence."""
+        if self.reply_end.endswith("\n"):
+            return body + "\n"
         return self.turn_text(body) + NOTE_ACKNOWLEDGED + self.reply_end
 
     def to_dict(self) -> dict:

@@ -13,8 +13,9 @@ so for the session and the training collator alike. When the notes change again,
 dropped from the cache and the whole block is placed anew: one block, so the format's per-message overhead
 is paid once, and what the model reads is always the current set.
 
-What the block looks like is the chat format's business (``note_text``): a mid-dialogue system message where
-the checkpoint's template renders one (ChatML: Qwen2), the system prompt's plain form for BELLE's formats.
+What the block looks like is the chat format's business (``note_text``): plain lines between two messages
+where the record ends each message with a newline (ChatML: Qwen2; BELLE's formats), an exchange the assistant
+acknowledges where each block opens with BOS (Llama-2).
 """
 from __future__ import annotations
 
