@@ -104,6 +104,7 @@ class Runtime:
     fingerprint: str  # identifies model + target + precision, so a saved session is not restored elsewhere
     engine: Engine | None = None  # the TensorRT engine, once built
     engine_on_device: bool = False  # the engine is built on the device itself (an Orin artifact: jetson/)
+    mask_rule: int = 1  # mask.RULE_VERSION of the rule the ONNX traced (absent: written before pinned notes)
 
 
 @dataclass(frozen=True)

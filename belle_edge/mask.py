@@ -27,6 +27,10 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
+#: Which statement of the rule above a compiled graph traced (artifacts record it: manifest ``runtime.mask_rule``).
+#: 1: before ``0 <=``, when a notes block's own queries saw the turns around it; 2: as written above. The two
+#: agree on every sequence without pinned notes, so only notes ask for 2 (runtime/session.py).
+RULE_VERSION = 2
 #: A query position larger than any real one: "some query of this turn or a later one".
 FUTURE_POSITION = 2**62
 #: Where the window is a number (an ONNX graph input, a kernel argument), this one means "off": no dialogue

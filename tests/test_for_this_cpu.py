@@ -46,3 +46,22 @@ def test_an_unreadable_cached_artifact_is_compiled_again(tiny_qwen2_dir):
     logs = []
     assert artifact_for_this_cpu(tiny_qwen2_dir, precision="int8", log=logs.append) == folder
     assert any(line.startswith("compiling") for line in logs) and read_manifest(folder).precision == "int8"
+
+
+def test_a_cached_artifact_traced_with_an_older_mask_rule_is_compiled_again(tiny_qwen2_dir):
+    """Compiled before pinned notes: its manifest has no runtime.mask_rule (rule 1), and notes would refuse it."""
+    import json
+
+    from belle_edge.manifest import MANIFEST
+    from belle_edge.mask import RULE_VERSION
+
+    folder = artifact_for_this_cpu(tiny_qwen2_dir, precision="int8", log=lambda _: None)
+    with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    del manifest["runtime"]["mask_rule"]
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    logs = []
+    assert artifact_for_this_cpu(tiny_qwen2_dir, precision="int8", log=logs.append) == folder
+    assert any(line.startswith("compiling") for line in logs)
+    assert read_manifest(folder).runtime.mask_rule == RULE_VERSION

@@ -4,6 +4,8 @@ The checks follow the one mask definition: a session's logits equal one plain fo
 ``mask.visible`` (the notes' tokens carrying turn 0 wherever they sit), and a replaced block is the one thing
 the mask does not say: its keys are hidden from every query after the turn that replaced it.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -205,13 +207,19 @@ def test_a_context_shift_keeps_the_notes_block(tiny_llama_dir):
 
 # ---------------------------------------------------------------------------------------------- every backend
 @pytest.fixture(scope="module")
-def ort_llama(tmp_path_factory, tiny_llama_dir):
-    from belle_edge import load
+def ort_llama_folder(tmp_path_factory, tiny_llama_dir):
     from belle_edge.compile.pipeline import CompileConfig, compile_model
 
     out = str(tmp_path_factory.mktemp("notes") / "tiny-llama")
     compile_model(CompileConfig(out=out, model=tiny_llama_dir), progress=False)
-    return load(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort_llama(ort_llama_folder):
+    from belle_edge import load
+
+    return load(ort_llama_folder)
 
 
 def _pinned_dialogue(model):
@@ -236,6 +244,34 @@ def test_onnxruntime_sessions_hold_and_replace_notes_as_torch_does(model, ort_ll
     assert (ort_session.ledger.positions == torch_session.ledger.positions).all()
     assert (ort_session.ledger.turns == torch_session.ledger.turns).all()
     np.testing.assert_allclose(ort_logits, torch_logits, atol=2e-3)
+
+
+def test_an_artifact_traced_before_the_rule_refuses_notes_and_runs_without_them(ort_llama_folder, ort_llama,
+                                                                               tmp_path):
+    """Its graph computes a notes block's queries over the turns around it: notes are refused with the way out,
+    everything else runs (the two rules agree without notes)."""
+    import json
+    import shutil
+
+    from belle_edge import load
+    from belle_edge.manifest import MANIFEST, read_manifest
+    from belle_edge.mask import RULE_VERSION
+
+    assert read_manifest(ort_llama_folder).runtime.mask_rule == RULE_VERSION == ort_llama.mask_rule
+    old = str(tmp_path / "old")
+    shutil.copytree(ort_llama_folder, old)
+    with open(os.path.join(old, MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    del manifest["runtime"]["mask_rule"]  # as written before notes
+    with open(os.path.join(old, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    model = load(old)
+    s = model.session(window=1, max_new_tokens=2)
+    with pytest.raises(InputError, match=r"mask rule 1, before notes .* compile it again with --force"):
+        s.pin("订单号", "JD1")
+    with pytest.raises(InputError, match="mask rule 1"):
+        model.session(auto_notes=True)
+    assert s.notes == {} and s.send(MESSAGES[0]).stats.kv_tokens > 0
 
 
 def test_tensorrt_sessions_take_notes_the_same_way():

@@ -62,6 +62,7 @@ import onnx
 from ..core.quantized import BlockQuantized
 from ..core.stage import measured
 from ..manifest import StageRecord
+from ..mask import RULE_VERSION
 from ..models.config import ModelConfig
 from ..targets import Target
 from .onnx_attention import ATTENTION_OP, DOMAIN
@@ -156,6 +157,7 @@ def export_onnx(cfg: ModelConfig, state_dict: dict, out_dir: str, *, dtype: str 
     return {
         "onnx": ONNX_FILE, "data": DATA_FILE, "opset": OPSET, "dtype": dtype,
         "attention_op": f"{DOMAIN}::{ATTENTION_OP}@1", "flavor": flavor, "attention": attention,
+        "mask_rule": RULE_VERSION,  # the rule traced into the graph (mask.visible as this version states it)
         "quantized_matmuls": len(quantized),
         "accuracy_level": accuracy_level if quantized else None,
         "bytes": os.path.getsize(path) + os.path.getsize(os.path.join(out_dir, DATA_FILE)),

@@ -81,16 +81,17 @@ def _compiled(model: str, precision: str, log) -> str:
 
 
 def _usable(folder: str) -> bool:
-    """A complete artifact this version reads (an older format is compiled again)."""
+    """A complete artifact this version reads, its graph traced with this version's mask rule (an older one is
+    compiled again)."""
     from ..manifest import is_artifact, read_manifest
+    from ..mask import RULE_VERSION
 
     if not is_artifact(folder):
         return False
     try:
-        read_manifest(folder)
+        return read_manifest(folder).runtime.mask_rule == RULE_VERSION
     except BelleEdgeError:
         return False
-    return True
 
 
 def _root() -> str:

@@ -46,7 +46,8 @@ class PackageStage:
                           attention=export["attention"], kv_dtype=export["dtype"],
                           max_positions=ckpt.config.max_positions, stop_token_ids=tuple(sorted(ckpt.stop_token_ids)),
                           fingerprint=f"{ckpt.fingerprint}-{self.target.name}-{self.precision}", engine=job.engine,
-                          engine_on_device=self.target.builds_on_device and job.engine is None)
+                          engine_on_device=self.target.builds_on_device and job.engine is None,
+                          mask_rule=export.get("mask_rule", 1))
         return Manifest(format=FORMAT, version=VERSION, belle_edge=__version__,
                         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         source=job.source, model=ckpt.config, target=self.target.name, precision=self.precision,

@@ -44,7 +44,7 @@ def load_artifact(folder: str, *, threads: int | None = None, backend: str = "au
         tokenizer=tokenizer, chat_format=chat_format_from_dict(manifest.chat_format),
         stop_token_ids=frozenset(rt.stop_token_ids), max_positions=rt.max_positions,
         fingerprint=rt.fingerprint, backend_factory=factory, backend_name=name, max_kv_tokens=limit,
-        pool_factory=pool_factory,
+        pool_factory=pool_factory, mask_rule=rt.mask_rule,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from ..mask import MaskConfig
+from ..mask import RULE_VERSION, MaskConfig
 from .backends.base import Backend, BatchBackend
 from .chat_format import ChatFormat
 from .sampler import SamplingConfig
@@ -33,6 +33,7 @@ class ChatModel:
     max_kv_tokens: int | None = None  # the most the backend can hold (a TensorRT engine's KV range), if bounded
     # (slots, capacity) -> a KV pool for the batched engine (runtime/engine.py); None where the backend has none
     pool_factory: Callable[[int, int], BatchBackend] | None = None
+    mask_rule: int = RULE_VERSION  # the mask rule its graph traced (an artifact's manifest says; torch: this one)
 
     @functools.cached_property
     def special_texts(self) -> tuple[str, ...]:

@@ -20,12 +20,21 @@ acknowledges where each block opens with BOS (Llama-2).
 from __future__ import annotations
 
 from ..errors import InputError
+from ..mask import RULE_VERSION
 from ..text_patterns import ADDRESS, ADDRESS_LEAD, EMAIL, ORDER_NUMBER, PHONE
 
 MAX_NOTES = 16
 MAX_NOTE_CHARS = 200  # per key + value: notes are facts, not documents (they stay in the cache for good)
 # the rules of automatic notes: key -> (pattern, group holding the value)
 RULES = {"订单号": (ORDER_NUMBER, "value"), "电话": (PHONE, 0), "地址": (ADDRESS, "value"), "邮箱": (EMAIL, 0)}
+
+
+def refuse_older_mask_rule(model) -> None:
+    """Notes need the rule's ``0 <=`` traced into the model's graph: an artifact compiled before it computes a
+    notes block's own queries over the turns around it (its manifest's ``runtime.mask_rule`` says which)."""
+    if model.mask_rule != RULE_VERSION:
+        raise InputError(f"pinned notes: {model.name} was compiled with mask rule {model.mask_rule}, before notes "
+                         f"(they need rule {RULE_VERSION}); compile it again with --force")
 
 
 def check_note(key, value) -> None:

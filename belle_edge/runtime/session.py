@@ -42,7 +42,7 @@ from .decode import Decoding
 from .detokenizer import IncrementalDetokenizer
 from .dialogue import Segment, dialogue_segments, encode, opening_segments
 from .kv_cache import CacheLedger
-from .notes import MAX_NOTES, check_note, notes_body, with_found
+from .notes import MAX_NOTES, check_note, notes_body, refuse_older_mask_rule, with_found
 from .sampler import Sampler, SamplingConfig
 
 SESSION_FILE_VERSION = 1
@@ -85,6 +85,8 @@ class ChatSession:
         self.mask = mask or MaskConfig()
         self.prefill_chunk = prefill_chunk
         self.auto_notes = bool(auto_notes)
+        if self.auto_notes:
+            refuse_older_mask_rule(model)
         capacity = max_kv_tokens or (backend.capacity if backend is not None else model.default_capacity)
         if capacity < 2:
             raise InputError(f"max_kv_tokens: expected >= 2, got {capacity}")
@@ -151,6 +153,7 @@ class ChatSession:
     def pin(self, key: str, value: str) -> None:
         """Keep ``key: value`` visible to every later turn (replacing an earlier note of that key); it enters
         the cache with the next turn."""
+        refuse_older_mask_rule(self.model)
         check_note(key, value)
         refuse_special_tokens(self.model, key + value, "note")
         if key not in self.notes and len(self.notes) >= MAX_NOTES:
@@ -172,6 +175,8 @@ class ChatSession:
     def check_notes(model, notes) -> None:
         if not isinstance(notes, dict) or len(notes) > MAX_NOTES:
             raise InputError(f"notes: expected an object of at most {MAX_NOTES} key: value strings")
+        if notes:
+            refuse_older_mask_rule(model)
         for key, value in notes.items():
             check_note(key, value)
             refuse_special_tokens(model, key + value, "note")
@@ -513,6 +518,8 @@ class ChatSession:
             session.stats = [TurnStats(**s) for s in meta["stats"]]
         except (KeyError, TypeError, ValueError, AssertionError, OverflowError, InputError) as e:
             raise SessionFileError(f"{path}: damaged session file ({type(e).__name__}: {first_line(e)})") from None
+        if meta.get("notes") or meta.get("auto_notes"):
+            refuse_older_mask_rule(model)
         session._valid = session.ledger.n
         session.turn, session.history, session._pending = meta["turn"], meta["history"], meta["pending"]
         session._opened = meta["opened"]
