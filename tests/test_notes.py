@@ -267,7 +267,7 @@ def test_an_artifact_traced_before_the_rule_refuses_notes_and_runs_without_them(
         json.dump(manifest, f)
     model = load(old)
     s = model.session(window=1, max_new_tokens=2)
-    with pytest.raises(InputError, match=r"mask rule 1, before notes .* compile it again with --force"):
+    with pytest.raises(InputError, match=r"mask rule 1 and notes need rule 2; compile it again with --force"):
         s.pin("订单号", "JD1")
     with pytest.raises(InputError, match="mask rule 1"):
         model.session(auto_notes=True)

@@ -33,8 +33,8 @@ def refuse_older_mask_rule(model) -> None:
     """Notes need the rule's ``0 <=`` traced into the model's graph: an artifact compiled before it computes a
     notes block's own queries over the turns around it (its manifest's ``runtime.mask_rule`` says which)."""
     if model.mask_rule != RULE_VERSION:
-        raise InputError(f"pinned notes: {model.name} was compiled with mask rule {model.mask_rule}, before notes "
-                         f"(they need rule {RULE_VERSION}); compile it again with --force")
+        raise InputError(f"pinned notes: {model.name} was compiled with mask rule {model.mask_rule} and notes need "
+                         f"rule {RULE_VERSION}; compile it again with --force")
 
 
 def check_note(key, value) -> None:
