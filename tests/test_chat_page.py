@@ -116,3 +116,36 @@ def test_chat_page_sends_the_api_key_it_is_given(browser, tiny_llama_model):
         stats = browser.find_elements(By.CLASS_NAME, "stats")[-1].text
         assert "TTFT" in stats and "tokens" in stats, stats
         assert _replies(browser)[-1]
+
+
+def test_chat_page_pins_notes_and_refuses_a_line_that_is_not_one(browser, tiny_llama_model):
+    """Notes typed as "key：value" lines reach the server as its notes field: the reply equals the engine's
+    own with those notes; a line without a colon is named on the page and nothing is sent."""
+    notes = {"订单号": "DD542841036648", "尺码": "XL"}
+    with BatchEngine(tiny_llama_model, EngineConfig(max_batch=1)) as mirror:
+        messages = [{"role": "user", "content": FIRST}]
+        with_notes = "".join(mirror.submit(messages, max_tokens=MAX_TOKENS, notes=notes))
+        without = "".join(mirror.submit(messages, max_tokens=MAX_TOKENS, notes={}))
+    assert with_notes != without  # else the check below could not tell whether the notes were sent
+
+    engine = BatchEngine(tiny_llama_model, EngineConfig(max_batch=1))
+    with serving(create_app(engine, model_name="tiny-llama")) as url:
+        browser.get(url + "/")
+        limit = browser.find_element(By.ID, "max-tokens")
+        limit.clear()
+        limit.send_keys(str(MAX_TOKENS))
+        box = browser.find_element(By.ID, "notes")
+        box.send_keys("订单号 DD542841036648")
+        browser.find_element(By.ID, "message").send_keys(FIRST)
+        browser.find_element(By.ID, "send").click()
+        error = browser.find_element(By.ID, "notes-error").text
+        assert error == 'notes, line 1: expected key：value, got "订单号 DD542841036648"', error
+        assert not browser.find_elements(By.CLASS_NAME, "reply")  # nothing sent, the message kept
+        assert browser.find_element(By.ID, "message").get_attribute("value") == FIRST
+
+        box.clear()
+        box.send_keys("订单号：DD542841036648\n尺码: XL")
+        browser.find_element(By.ID, "message").clear()
+        _send(browser, FIRST, turns=1)
+        assert _replies(browser) == [with_notes]
+        assert browser.find_element(By.ID, "notes-error").text == ""
