@@ -29,7 +29,8 @@ from importlib import resources
 
 from ..errors import InputError
 
-DEFAULT_SETTINGS = ("off", "W1", "W3", "W5", "W8", "W1+rules", "W3+rules", "W5+rules", "W8+rules", "W3+app")
+DEFAULT_SETTINGS = ("off", "W1", "W3", "W5", "W8", "W1+rules", "W3+rules", "W5+rules", "W8+rules",
+                    "W1+app", "W3+app", "W5+app", "W8+app")
 NOTE_MODES = ("rules", "app")
 # the key an app pins a fact under (what the model reads in the notes block)
 APP_KEYS = {"zh": {"order": "订单号", "phone": "电话", "address": "地址", "name": "姓名", "product": "商品",
