@@ -19,6 +19,7 @@ import time
 
 from belle_edge.evaluate.memory import (DEFAULT_SETTINGS, FAR, format_table, goal, parse_setting, plot, read_probes,
                                         run_memory, summarise)
+from belle_edge.machine import cpu_name
 
 
 def _model(path: str | None):
@@ -74,8 +75,8 @@ def main() -> None:
               flush=True)
     result = {**part, "rows": rows, "probes": sum(len(d["asks"]) for d in dialogues), "dialogues": len(dialogues),
               "summary": summarise(rows, [s.name for s in settings]), "seconds": round(time.time() - t0, 1),
-              "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.processor() or ''}"
-                         f" Python {platform.python_version()}"}
+              "machine": f"{platform.node()}, {cpu_name()}, {os.cpu_count()} cores ({platform.machine()}), "
+                         f"Python {platform.python_version()}"}
     result["goal"] = goal(result["summary"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "dialogue_memory.json"), "w", encoding="utf-8") as f:

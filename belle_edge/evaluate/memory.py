@@ -234,12 +234,17 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    # a colour per window, a line style per kind of notes: thirteen settings stay apart
+    windows = sorted({name.split("+")[0] for name in result["summary"]}, key=lambda w: (w != "off", len(w), w))
+    colour = {w: plt.get_cmap("tab10")(i % 10) for i, w in enumerate(windows)}
+    styles = {None: "-", "rules": "--", "app": "-."}
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for name, s in result["summary"].items():
         by_d = {int(d): v for d, v in s["accuracy_by_distance"].items()}  # keys are strings after a JSON trip
         xs = sorted(by_d)
-        style = "--" if "+" in name else ("-" if name != "off" else ":")
-        ax.plot(xs, [100 * by_d[x] for x in xs], style, marker="o", markersize=3, label=name)
+        window, _, notes = name.partition("+")
+        ax.plot(xs, [100 * by_d[x] for x in xs], styles.get(notes or None, ":"), color=colour[window],
+                linewidth=2.2 if name == "off" else 1.4, marker="o", markersize=3, label=name)
     ax.set_xticks(range(1, 11))
     ax.set_xlabel("distance d (turns between the fact and the question)")
     ax.set_ylabel("replies holding the fact (%)")
@@ -247,7 +252,7 @@ def plot(result: dict, path: str) -> None:
                  fontsize=10)
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=8)
+    ax.legend(ncol=2, fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
