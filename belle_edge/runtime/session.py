@@ -153,9 +153,7 @@ class ChatSession:
     def pin(self, key: str, value: str) -> None:
         """Keep ``key: value`` visible to every later turn (replacing an earlier note of that key); it enters
         the cache with the next turn."""
-        refuse_older_mask_rule(self.model)
-        check_note(key, value)
-        refuse_special_tokens(self.model, key + value, "note")
+        self.check_notes(self.model, {key: value})
         if key not in self.notes and len(self.notes) >= MAX_NOTES:
             raise InputError(f"note {key!r}: {MAX_NOTES} notes already pinned; unpin one first")
         self.notes[key] = value
@@ -173,6 +171,7 @@ class ChatSession:
 
     @staticmethod
     def check_notes(model, notes) -> None:
+        """What ``pin`` and ``set_notes`` (and the engine, for a request's notes) refuse before anything changes."""
         if not isinstance(notes, dict) or len(notes) > MAX_NOTES:
             raise InputError(f"notes: expected an object of at most {MAX_NOTES} key: value strings")
         if notes:
